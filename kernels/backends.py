@@ -1,0 +1,140 @@
+"""Attention backends behind one table, and `attention`, the one function callers use.
+
+Legend: B batch, Hq query heads, Hkv key/value heads, T tokens, D head dim.
+A backend computes softmax(Q K^T / sqrt(D) + causal mask) V. Backends that fuse the
+preconditioner themselves (triton) take its name; for the others `attention` applies the
+preconditioner's prologue and epilogue around the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.precondition import get_preconditioner
+
+Tensor = torch.Tensor
+log = logging.getLogger(__name__)
+
+
+def eager_attention(q_BHTD: Tensor, k_BHTD: Tensor, v_BHTD: Tensor, causal: bool) -> Tensor:
+    """The readable reference: explicit scores, mask and softmax (softmax in fp32)."""
+    groups = q_BHTD.shape[1] // k_BHTD.shape[1]
+    k_BHTD = k_BHTD.repeat_interleave(groups, dim=1)
+    v_BHTD = v_BHTD.repeat_interleave(groups, dim=1)
+    scores = q_BHTD @ k_BHTD.transpose(-1, -2)
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()
+    scores = scores / math.sqrt(q_BHTD.shape[-1])
+    if causal:
+        T = q_BHTD.shape[2]
+        mask = torch.ones(T, T, dtype=torch.bool, device=q_BHTD.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(v_BHTD.dtype)
+    return probs @ v_BHTD
+
+
+def sdpa_attention(q_BHTD: Tensor, k_BHTD: Tensor, v_BHTD: Tensor, causal: bool) -> Tensor:
+    """torch's scaled_dot_product_attention (flash / memory-efficient / math, as torch picks)."""
+    gqa = q_BHTD.shape[1] != k_BHTD.shape[1]
+    return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, is_causal=causal, enable_gqa=gqa)
+
+
+def flash_attention(q_BHTD: Tensor, k_BHTD: Tensor, v_BHTD: Tensor, causal: bool) -> Tensor:
+    """The flash-attn package (layout (B, T, H, D), native GQA); fp16/bf16 on CUDA only."""
+    from flash_attn import flash_attn_func  # lazy: an optional GPU extra
+
+    o_BTHD = flash_attn_func(q_BHTD.transpose(1, 2), k_BHTD.transpose(1, 2), v_BHTD.transpose(1, 2), causal=causal)
+    return o_BTHD.transpose(1, 2)
+
+
+def _flash_missing(q: Tensor | None) -> str | None:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "the flash-attn package is not installed (pip install -r requirements-gpu.txt on a CUDA machine)"
+    if q is not None and (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16)):
+        return f"flash-attn needs fp16/bf16 tensors on a CUDA GPU, got {q.dtype} on {q.device.type}"
+    return None
+
+
+def _triton_missing(q: Tensor | None) -> str | None:
+    try:
+        from kernels import triton_attention  # noqa: F401
+    except ImportError as e:
+        return f"the Triton kernel cannot be imported ({e})"
+    return None
+
+
+def _triton_core(q, k, v, causal, precondition, eps):
+    from kernels.triton_attention import triton_attention
+
+    return triton_attention(q, k, v, precondition=precondition, causal=causal, eps=eps)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    run: Callable
+    fuses_preconditioner: bool = False
+    missing: Callable[[Tensor | None], str | None] = lambda q: None
+    """Returns why this backend cannot run (None when it can)."""
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("eager", eager_attention),
+        Backend("sdpa", sdpa_attention),
+        Backend("flash", flash_attention, missing=_flash_missing),
+        Backend("triton", _triton_core, fuses_preconditioner=True, missing=_triton_missing),
+    )
+}
+
+_auto_logged: set[str] = set()
+
+
+def resolve_backend(name: str, q: Tensor | None = None, device: torch.device | str | None = None) -> str:
+    """Map `auto` to a concrete backend (CUDA: triton, then flash, then sdpa; CPU: sdpa) and
+    check that the named backend can run; raises ValueError saying what is missing."""
+    device = torch.device(device) if device is not None else (q.device if q is not None else torch.device("cpu"))
+    if name == "auto":
+        order = ("triton", "flash", "sdpa") if device.type == "cuda" else ("sdpa",)
+        chosen = next(b for b in order if BACKENDS[b].missing(q) is None)
+        if chosen not in _auto_logged:
+            _auto_logged.add(chosen)
+            log.info("attention backend auto -> %s (%s)", chosen, device.type)
+        return chosen
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is unknown; choose one of auto, {', '.join(BACKENDS)}")
+    why = BACKENDS[name].missing(q)
+    if why:
+        raise ValueError(f"attention backend {name!r} is unavailable: {why}")
+    return name
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    precondition: str = "qkv",
+    backend: str = "auto",
+    causal: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Preconditioned attention. q (B, Hq, T, D), k and v (B, Hkv, T, D), RoPE already
+    applied, Hq % Hkv == 0. Returns (B, Hq, T, D)."""
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    pre = get_preconditioner(precondition)
+    b = BACKENDS[resolve_backend(backend, q)]
+    if b.fuses_preconditioner:
+        return b.run(q, k, v, causal, precondition, eps)
+    q, k, v = pre.before(q, k, v, eps)
+    return pre.after(b.run(q, k, v, causal), eps)

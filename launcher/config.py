@@ -1,0 +1,143 @@
+"""The run config: sections model, data, train, deepspeed, log, each a typed dataclass.
+
+`load_run_config(path, overrides)` reads a YAML file, applies dotted `key=value`
+overrides and validates every key (unknown keys, bad choices, bad types and ranges are
+ConfigErrors naming the key and what would be right).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from data.config import ConfigError, DataConfig, build_section, check_choice, check_range, load_yaml
+from model.config import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    """Optimizer steps to train for."""
+    seed: int = 1234
+    """Seed of the model init and of the data order."""
+    micro_batch_size: int = 8
+    """Windows per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    precision: str = "bf16"
+    """fp32 or bf16."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (0 = off)."""
+    save_interval: int = 100
+    """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """How many checkpoints to keep."""
+    eval_interval: int = 50
+    """Evaluate on the validation windows every N steps (and at the end); 0 = only at the end."""
+    log_interval: int = 10
+    """Write a metrics row every N steps."""
+    output_dir: str = "runs/tiny"
+    """The run directory: config, checkpoints, tensorboard, metrics.jsonl, hf export."""
+    threads: int = 0
+    """CPU threads per rank (0 = cores / local ranks)."""
+
+    def __post_init__(self) -> None:
+        check_choice("train", "precision", self.precision, ("fp32", "bf16"))
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "keep_last"):
+            check_range("train", key, getattr(self, key), getattr(self, key) >= 1, "a positive int")
+        for key in ("save_interval", "eval_interval", "warmup_steps", "threads"):
+            check_range("train", key, getattr(self, key), getattr(self, key) >= 0, "an int >= 0")
+        check_range("train", "log_interval", self.log_interval, self.log_interval >= 1, "a positive int")
+        check_range("train", "lr", self.lr, self.lr > 0, "a positive float")
+        check_range("train", "min_lr", self.min_lr, 0 <= self.min_lr <= self.lr, "0 <= min_lr <= train.lr")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    """ZeRO stage: 0, 1, 2 or 3."""
+    config: str = ""
+    """An optional DeepSpeed JSON merged into the generated one (conflicts are errors)."""
+
+    def __post_init__(self) -> None:
+        check_choice("deepspeed", "zero_stage", self.zero_stage, (0, 1, 2, 3))
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files under RUN_DIR/tensorboard."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    conditioning_interval: int = 0
+    """Run the conditioning probe every N steps on rank 0 (0 = off)."""
+
+    def __post_init__(self) -> None:
+        check_range("log", "conditioning_interval", self.conditioning_interval, self.conditioning_interval >= 0, ">= 0")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len: {self.data.seq_len} is larger than model.max_seq_len={self.model.max_seq_len}"
+            )
+        if not self.data.tokenizer and self.data.vocab_size > self.model.vocab_size:
+            raise ConfigError(
+                f"data.vocab_size: {self.data.vocab_size} is larger than model.vocab_size={self.model.vocab_size}"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
+
+
+_SECTION_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "deepspeed": DeepSpeedConfig,
+    "log": LogConfig,
+}
+
+
+def run_config_from_dict(raw: dict) -> RunConfig:
+    for name in raw:
+        if name not in _SECTION_CLASSES:
+            raise ConfigError(f"{name}: unknown section; valid sections: {', '.join(_SECTION_CLASSES)}")
+    sections = {name: build_section(cls, raw.get(name), name) for name, cls in _SECTION_CLASSES.items()}
+    return RunConfig(**sections)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    return run_config_from_dict(load_yaml(path, overrides))
+
+
+def save_run_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config atomically (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(cfg.to_yaml())
+    tmp.replace(path)

@@ -1,0 +1,165 @@
+"""A Llama-style decoder whose attention heads carry a diagonal preconditioner.
+
+Legend: B batch, T tokens, D model width, H query heads, K key/value heads, E head dim,
+V vocabulary. Parameter names follow Hugging Face's Llama (without its `model.` prefix)
+except for the fused `qkv_proj` and `gate_up_proj`, which the HF export splits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import attention
+from model.config import ModelConfig
+
+Tensor = torch.Tensor
+
+
+class ModelOutput(NamedTuple):
+    logits: Tensor
+    """(B, T, V)"""
+    loss: Tensor | None
+    """mean cross-entropy over labels != -100, when labels were given"""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin, each (max_seq_len, head_dim), in Hugging Face Llama's half-split layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x_BHTE: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
+    half = x_BHTE.shape[-1] // 2
+    rotated = torch.cat((-x_BHTE[..., half:], x_BHTE[..., :half]), dim=-1)
+    return (x_BHTE * cos_TE + rotated * sin_TE).to(x_BHTE.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
+        B, T, _ = x_BTD.shape
+        E = self.head_dim
+        q, k, v = self.qkv_proj(x_BTD).split([self.n_heads * E, self.n_kv * E, self.n_kv * E], dim=-1)
+        q_BHTE = apply_rope(q.view(B, T, self.n_heads, E).transpose(1, 2), cos_TE, sin_TE)
+        k_BKTE = apply_rope(k.view(B, T, self.n_kv, E).transpose(1, 2), cos_TE, sin_TE)
+        v_BKTE = v.view(B, T, self.n_kv, E).transpose(1, 2)
+        o_BHTE = attention(
+            q_BHTE,
+            k_BKTE,
+            v_BKTE,
+            precondition=self.cfg.precondition,
+            backend=self.cfg.attn_backend,
+            causal=True,
+            eps=self.cfg.precondition_eps,
+        )
+        return self.o_proj(o_BHTE.transpose(1, 2).reshape(B, T, self.n_heads * E))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x_BTD).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x_BTD: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_TE, sin_TE)
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual-output projections scaled by 1/sqrt(2 n_layers)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> ModelOutput:
+        """input_ids (B, T) int64; labels (B, T), -100 = ignored. Returns logits (B, T, V) and loss."""
+        T = input_ids.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
+        cos_TE, sin_TE = self.rope_cos[:T], self.rope_sin[:T]
+        x_BTD = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, cos_TE, sin_TE)
+        logits_BTV = self.lm_head(self.norm(x_BTD))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return ModelOutput(logits_BTV, loss)
+
+
+def count_parameters(model: nn.Module, *, exclude_embedding: bool = False) -> int:
+    """Distinct parameters (a tied head counts once); optionally without the input embedding."""
+    seen = {id(p): p for p in model.parameters()}
+    n = sum(p.numel() for p in seen.values())
+    if exclude_embedding and isinstance(model, Transformer) and not model.cfg.tie_embeddings:
+        n -= model.embed_tokens.weight.numel()
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM's convention: 6 N + 12 L D T, where
+    N counts the matmul weights (blocks and LM head, not the embedding lookup)."""
+    E = cfg.head_dim
+    per_layer = cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * E + cfg.n_heads * E * cfg.d_model
+    per_layer += 3 * cfg.d_model * cfg.ffn_hidden
+    n_matmul = cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
+    return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.d_model * seq_len

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+
+from kernels import PRECONDITIONERS, attention
+from tests.reference import attention_reference
+
+PRECONDS = sorted(PRECONDITIONERS)
+
+
+def make_qkv(B=2, Hq=4, Hkv=2, T=19, D=16, dtype=torch.float32, requires_grad=False, scale=1.0):
+    g = torch.Generator().manual_seed(T * 100 + Hq)
+    shapes = [(B, Hq, T, D), (B, Hkv, T, D), (B, Hkv, T, D)]
+    return [
+        (torch.randn(s, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_(requires_grad)
+        for s in shapes
+    ]
+
+
+@pytest.mark.parametrize("precondition", PRECONDS)
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 19, 16), (1, 6, 6, 33, 8), (1, 4, 1, 1, 32)])
+def test_matches_float64_reference(precondition, backend, shape):
+    B, Hq, Hkv, T, D = shape
+    q, k, v = make_qkv(B, Hq, Hkv, T, D, scale=3.0)
+    out = attention(q, k, v, precondition=precondition, backend=backend)
+    ref = attention_reference(q, k, v, precondition)
+    assert out.shape == (B, Hq, T, D)
+    # fp32 inputs, fp32 math: a few ulps of values of order 1 (rms-normalised or convex combinations)
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precondition", PRECONDS)
+def test_eager_and_sdpa_agree(precondition):
+    q, k, v = make_qkv(T=37, scale=2.0)
+    a = attention(q, k, v, precondition=precondition, backend="eager")
+    b = attention(q, k, v, precondition=precondition, backend="sdpa")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    a16 = attention(qb, kb, vb, precondition=precondition, backend="eager")
+    b16 = attention(qb, kb, vb, precondition=precondition, backend="sdpa")
+    ref = torch.from_numpy(attention_reference(qb.float(), kb.float(), vb.float(), precondition))
+    # bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.0039). An output row is a convex
+    # combination of value rows, so its error scales with the largest value entry (1 after
+    # rms-normalisation); inputs, probabilities and products are each rounded: allow 8 steps.
+    assert a16.dtype == b16.dtype == torch.bfloat16
+    vmax = 1.0 if precondition == "qkv" else float(vb.abs().max())
+    atol = 8 * 2**-8 * max(vmax, float(ref.abs().max()))
+    torch.testing.assert_close(a16.double(), ref, rtol=0, atol=atol)
+    torch.testing.assert_close(b16.double(), ref, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("precondition", PRECONDS)
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_causality(precondition, backend):
+    q, k, v = make_qkv(T=16)
+    t = 9
+    base = attention(q, k, v, precondition=precondition, backend=backend)
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, :, t] += torch.randn_like(x[:, :, t]) * 5
+    moved = attention(q2, k2, v2, precondition=precondition, backend=backend)
+    torch.testing.assert_close(moved[:, :, :t], base[:, :, :t], rtol=0, atol=0)
+    assert not torch.allclose(moved[:, :, t:], base[:, :, t:])
+
+
+@pytest.mark.parametrize("precondition", PRECONDS)
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_gradcheck_float64(precondition, backend):
+    q, k, v = make_qkv(B=1, Hq=2, Hkv=1, T=6, D=4, dtype=torch.float64, requires_grad=True)
+    fn = lambda q, k, v: attention(q, k, v, precondition=precondition, backend=backend)
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+
+
+def test_preconditioner_changes_output():
+    q, k, v = make_qkv(scale=3.0)
+    outs = {p: attention(q, k, v, precondition=p, backend="sdpa") for p in PRECONDS}
+    for a in PRECONDS:
+        for b in PRECONDS:
+            if a < b:
+                assert not torch.allclose(outs[a], outs[b]), (a, b)
+
+
+def test_unknown_names_and_missing_backends_are_clear():
+    q, k, v = make_qkv()
+    with pytest.raises(ValueError, match="choose one of"):
+        attention(q, k, v, precondition="diag")
+    with pytest.raises(ValueError, match="choose one of"):
+        attention(q, k, v, backend="cudnn")
+    with pytest.raises(ValueError, match="flash-attn"):
+        attention(q, k, v, backend="flash")
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attention(q[:, :3], k, v)
+
+
+def test_rope_does_not_change_rms():
+    from model.transformer import apply_rope, rope_tables
+
+    cos, sin = rope_tables(16, 32, 10000.0)
+    x = torch.randn(2, 3, 32, 16, dtype=torch.float64)
+    y = apply_rope(x, cos.double(), sin.double())
+    torch.testing.assert_close(y.pow(2).mean(-1), x.pow(2).mean(-1))

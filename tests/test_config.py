@@ -1,0 +1,104 @@
+import pytest
+
+from data.config import ConfigError
+from launcher.config import RunConfig, load_run_config
+
+
+def test_tiny_yaml_loads_with_the_contract_keys(project_root):
+    cfg = load_run_config(f"{project_root}/configs/tiny.yaml")
+    assert isinstance(cfg, RunConfig)
+    for key in (
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "ffn_hidden",
+        "max_seq_len",
+        "rope_theta",
+        "norm_eps",
+        "tie_embeddings",
+        "precondition",
+        "precondition_eps",
+        "attn_backend",
+    ):
+        assert hasattr(cfg.model, key)
+    for key in (
+        "files",
+        "format",
+        "text_field",
+        "hf_dataset",
+        "hf_subset",
+        "hf_split",
+        "tokenizer",
+        "vocab_size",
+        "seq_len",
+    ):
+        assert hasattr(cfg.data, key)
+    for key in (
+        "max_steps",
+        "seed",
+        "micro_batch_size",
+        "grad_accum",
+        "precision",
+        "lr",
+        "save_interval",
+        "eval_interval",
+        "log_interval",
+        "output_dir",
+    ):
+        assert hasattr(cfg.train, key)
+    assert cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.config == ""
+
+
+def test_overrides_are_typed():
+    cfg = load_run_config(
+        None, ["model.d_model=128", "train.lr=1e-3", "data.files=[a.txt,b.txt]", "model.tie_embeddings=false"]
+    )
+    assert cfg.model.d_model == 128 and cfg.train.lr == 1e-3
+    assert cfg.data.files == ["a.txt", "b.txt"] and cfg.model.tie_embeddings is False
+    assert load_run_config(None, ["data.files=corpus/*.txt"]).data.files == ["corpus/*.txt"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.dmodel=3", r"model.dmodel: unknown key; valid keys of model: vocab_size, d_model,"),
+        ("modle.d_model=3", r"modle: unknown section; valid sections: model, data, train, deepspeed, log"),
+        (
+            "model.precondition=diag",
+            r"model.precondition: 'diag' is not a valid choice; "
+            r"choose one of none, qk, qkv, row",
+        ),
+        ("model.attn_backend=xla", r"choose one of auto, eager, sdpa, flash, triton"),
+        ("train.precision=fp16", r"train.precision: 'fp16' is not a valid choice; choose one of fp32, bf16"),
+        ("train.max_steps=ten", r"train.max_steps: 'ten' is not a valid int"),
+        ("train.lr=fast", r"train.lr: 'fast' is not a valid float"),
+        ("train.max_steps=0", r"train.max_steps: 0 is out of range; expected a positive int"),
+        ("deepspeed.zero_stage=4", r"deepspeed.zero_stage: 4 is not a valid choice"),
+        ("model.n_kv_heads=3", r"model.n_kv_heads: 3 is out of range; expected a divisor of model.n_heads"),
+        ("data.seq_len=100000", r"data.seq_len: 100000 is larger than model.max_seq_len"),
+        ("train.max_steps", r"expected section.key=value"),
+    ],
+)
+def test_bad_config_messages(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, [override])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_run_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from launcher.config import save_run_config
+
+    cfg = load_run_config(None, ["model.precondition=row", "train.max_steps=7"])
+    save_run_config(cfg, tmp_path / "config.yaml")
+    again = load_run_config(tmp_path / "config.yaml")
+    assert again == cfg

@@ -1,0 +1,35 @@
+# Shared set-up for run_tests.sh and run_pretrain.sh; source it with a requirements file:
+#   source tools/bootstrap.sh requirements.txt
+# Creates .venv when missing and installs the pinned requirements. A stamp holding the hash
+# of the requirement files makes a second call skip the install when nothing changed.
+
+bootstrap_venv() {
+  local req="$1"
+  local root venv py
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  venv="${VENV:-$root/.venv}"
+  if [ ! -x "$venv/bin/python" ]; then
+    py="${PYTHON:-}"
+    if [ -z "$py" ]; then
+      if command -v python3.11 >/dev/null 2>&1; then py=python3.11; else py=python3; fi
+    fi
+    echo "[setup] creating $venv with $($py --version 2>&1)"
+    "$py" -m venv "$venv" || { echo "[setup] error: could not create a virtual environment with $py" >&2; return 1; }
+  fi
+  local want stamp
+  want="$(cat "$root/requirements.txt" "$root/$req" | sha256sum | cut -d' ' -f1)"
+  stamp="$venv/.installed-$(basename "$req" .txt)"
+  # The dev requirements include the runtime ones, so their stamp satisfies a runtime request.
+  local dev_want
+  dev_want="$(cat "$root/requirements.txt" "$root/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] && [ "$(cat "$venv/.installed-requirements-dev" 2>/dev/null)" != "$dev_want" ]; then
+    echo "[setup] installing $req into $venv (first time: about 2 minutes)"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$root/$req" 2> >(grep -v "^WARNING: Location" >&2) \
+      || { echo "[setup] error: pip install -r $req failed" >&2; return 1; }
+    echo "$want" > "$stamp"
+  fi
+  export PATH="$venv/bin:$PATH"
+  export VIRTUAL_ENV="$venv"
+  export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+  return 0
+}
