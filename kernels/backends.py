@@ -8,6 +8,8 @@ preconditioner's prologue and epilogue around the kernel.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import math
 from collections.abc import Callable
@@ -53,22 +55,40 @@ def flash_attention(q_BHTD: Tensor, k_BHTD: Tensor, v_BHTD: Tensor, causal: bool
     return o_BTHD.transpose(1, 2)
 
 
-def _flash_missing(q: Tensor | None) -> str | None:
+@functools.cache
+def _import_error(module: str) -> str | None:
+    """Why `module` cannot be imported (None when it can); cached: `attention` asks every call."""
     try:
-        import flash_attn  # noqa: F401
-    except ImportError:
+        importlib.import_module(module)
+    except (ImportError, OSError, RuntimeError) as e:  # a CUDA/ABI mismatch surfaces as OSError or RuntimeError
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _old_gpu(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) < (8, 0)
+
+
+def _flash_missing(q: Tensor | None, device: torch.device) -> str | None:
+    if _import_error("flash_attn"):
         return "the flash-attn package is not installed (pip install -r requirements-gpu.txt on a CUDA machine)"
-    if q is not None and (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16)):
-        return f"flash-attn needs fp16/bf16 tensors on a CUDA GPU, got {q.dtype} on {q.device.type}"
+    if device.type != "cuda" or (q is not None and q.dtype not in (torch.float16, torch.bfloat16)):
+        dtype = q.dtype if q is not None else "tensors"
+        return f"flash-attn needs fp16/bf16 tensors on a CUDA GPU, got {dtype} on {device.type}"
+    if _old_gpu(device):
+        return "flash-attn needs an Ampere or newer GPU (compute capability 8.0+)"
     return None
 
 
-def _triton_missing(q: Tensor | None) -> str | None:
-    try:
-        from kernels import triton_attention  # noqa: F401
-    except ImportError as e:
-        return f"the Triton kernel cannot be imported ({e})"
-    return None
+def _triton_missing(q: Tensor | None, device: torch.device) -> str | None:
+    why = _import_error("kernels.triton_attention")
+    if why:
+        return f"the Triton kernel cannot be imported ({why}); pip install triton, or torch's CUDA wheel"
+    from kernels.triton_attention import SUPPORTED_DTYPES, unavailable_reason
+
+    if q is not None and q.dtype not in SUPPORTED_DTYPES:
+        return f"the Triton kernel takes fp32, bf16 or fp16 tensors, got {q.dtype}"
+    return unavailable_reason(q, device)
 
 
 def _triton_core(q, k, v, causal, precondition, eps):
@@ -82,8 +102,8 @@ class Backend:
     name: str
     run: Callable
     fuses_preconditioner: bool = False
-    missing: Callable[[Tensor | None], str | None] = lambda q: None
-    """Returns why this backend cannot run (None when it can)."""
+    missing: Callable[[Tensor | None, torch.device], str | None] = lambda q, device: None
+    """Returns why this backend cannot run on `device` (None when it can); q may be None."""
 
 
 BACKENDS: dict[str, Backend] = {
@@ -99,23 +119,35 @@ BACKENDS: dict[str, Backend] = {
 _auto_logged: set[str] = set()
 
 
-def resolve_backend(name: str, q: Tensor | None = None, device: torch.device | str | None = None) -> str:
-    """Map `auto` to a concrete backend (CUDA: triton, then flash, then sdpa; CPU: sdpa) and
-    check that the named backend can run; raises ValueError saying what is missing."""
+def resolve_backend(
+    name: str, q: Tensor | None = None, device: torch.device | str | None = None, precondition: str | None = None
+) -> str:
+    """Map `auto` to a concrete backend (CUDA: triton, then flash, then sdpa; CPU: sdpa; triton
+    only where it can run and fuses `precondition`) and check that a named backend can run on
+    q's device (or `device`); raises ValueError saying what is missing. Logs the auto choice once."""
     device = torch.device(device) if device is not None else (q.device if q is not None else torch.device("cpu"))
     if name == "auto":
         order = ("triton", "flash", "sdpa") if device.type == "cuda" else ("sdpa",)
-        chosen = next(b for b in order if BACKENDS[b].missing(q) is None)
+        chosen = next(b for b in order if BACKENDS[b].missing(q, device) is None and _fuses(b, precondition))
         if chosen not in _auto_logged:
             _auto_logged.add(chosen)
             log.info("attention backend auto -> %s (%s)", chosen, device.type)
         return chosen
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is unknown; choose one of auto, {', '.join(BACKENDS)}")
-    why = BACKENDS[name].missing(q)
+    why = BACKENDS[name].missing(q, device)
     if why:
         raise ValueError(f"attention backend {name!r} is unavailable: {why}")
     return name
+
+
+def _fuses(backend: str, precondition: str | None) -> bool:
+    """False when a fusing backend does not know `precondition` (auto then tries the next one)."""
+    if backend != "triton" or precondition is None:
+        return True
+    from kernels.triton_attention import FUSED
+
+    return precondition in FUSED
 
 
 def attention(
@@ -133,7 +165,7 @@ def attention(
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     pre = get_preconditioner(precondition)
-    b = BACKENDS[resolve_backend(backend, q)]
+    b = BACKENDS[resolve_backend(backend, q, precondition=precondition)]
     if b.fuses_preconditioner:
         return b.run(q, k, v, causal, precondition, eps)
     q, k, v = pre.before(q, k, v, eps)

@@ -1,0 +1,122 @@
+"""Forward Triton kernel of causal FlashAttention with the preconditioner fused.
+
+Legend: M query rows of one block, N key/value rows of one block, D head dim (BLOCK_D padded).
+For `qk`/`qkv` the row scales r = 1/rms(row) are computed from each tile as it is loaded and
+folded into the products (q before rounding, k and v as column scales of S and P), so no
+normalised copy of q, k or v exists anywhere. For `row` the output scale is the epilogue.
+Scores are kept in the log2 domain (exp2 is the hardware instruction); the saved log-sum-exp
+is in that domain too.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def configs(interpret: bool, fwd_like: bool) -> list[triton.Config]:
+    """Block shapes to autotune over. `fwd_like`: BLOCK_M is a multiple of BLOCK_N (forward and
+    dq); otherwise BLOCK_N is a multiple of BLOCK_M (dk/dv). The interpreter gets one small block."""
+    if interpret:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+    if not fwd_like:
+        shapes = [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+@triton.jit
+def row_rscale(x, D: tl.constexpr, eps):
+    """1/rms of each row of an fp32 (rows, BLOCK_D) tile whose padded columns are zero."""
+    return tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+
+
+@triton.jit
+def _fwd_inner(
+    acc_MD, l_M, m_M, qs_MD, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, eps,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+    PRE_QK: tl.constexpr, PRE_V: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over key blocks [lo, hi); MASK applies the causal and tail masks."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d[None, :] < D
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_ok = (cols[:, None] < T) & d_ok
+        k_ND = tl.load(k_ptr + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_ok, other=0.0)
+        s_MN = tl.dot(qs_MD, tl.trans(k_ND), input_precision=PREC)
+        if PRE_QK:  # C_K as a column scale of S: the normalised k is never materialised
+            s_MN = s_MN * row_rscale(k_ND.to(tl.float32), D, eps)[None, :]
+        if MASK:
+            ok = cols[None, :] < T
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= offs_m[:, None])
+            s_MN = tl.where(ok, s_MN, float("-inf"))
+        m_new = tl.maximum(m_M, tl.max(s_MN, 1))
+        p_MN = tl.math.exp2(s_MN - m_new[:, None])
+        alpha = tl.math.exp2(m_M - m_new)
+        l_M = l_M * alpha + tl.sum(p_MN, 1)
+        v_ND = tl.load(v_ptr + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
+        if PRE_V:  # C_V as a column scale of P (P C_V V = P (C_V V))
+            p_MN = p_MN * row_rscale(v_ND.to(tl.float32), D, eps)[None, :]
+        acc_MD = acc_MD * alpha[:, None] + tl.dot(p_MN.to(v_ND.dtype), v_ND, input_precision=PREC)
+        m_M = m_new
+    return acc_MD, l_M, m_M
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, O, LSE, RO,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
+    T, Hq, GROUP, sm_scale, eps,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    PRE_QK: tl.constexpr, PRE_V: tl.constexpr, ROW: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_M query rows of one (batch, query head). Last-dim strides are 1.
+    Writes O (B, Hq, T, D), LSE (B*Hq, T) fp32 log2-domain, RO (B*Hq, T) fp32 when ROW."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    hq = pid_bh % Hq
+    hkv = hq // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    q_ok = row_ok[:, None] & (offs_d[None, :] < D)
+    q_MD = tl.load(Q + b * sq_b + hq * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=q_ok, other=0.0)
+    q_scale = tl.full([BLOCK_M], sm_scale * 1.4426950408889634, tl.float32)  # softmax scale and log2(e)
+    if PRE_QK:
+        q_scale = q_scale * row_rscale(q_MD.to(tl.float32), D, eps)
+    qs_MD = (q_MD.to(tl.float32) * q_scale[:, None]).to(Q.dtype.element_ty)
+
+    acc_MD = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_M = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if CAUSAL:  # blocks left of the diagonal need no mask; the diagonal block (and the tail) does
+        hi_full = pid_m * BLOCK_M
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
+    else:
+        hi_full = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    k_ptr = K + b * sk_b + hkv * sk_h
+    v_ptr = V + b * sv_b + hkv * sv_h
+    acc_MD, l_M, m_M = _fwd_inner(
+        acc_MD, l_M, m_M, qs_MD, k_ptr, v_ptr, sk_t, sv_t, offs_m, offs_d, 0, hi_full, T, eps,
+        D, BLOCK_N, CAUSAL, False, PRE_QK, PRE_V, PREC,
+    )  # fmt: skip
+    acc_MD, l_M, m_M = _fwd_inner(
+        acc_MD, l_M, m_M, qs_MD, k_ptr, v_ptr, sk_t, sv_t, offs_m, offs_d, hi_full, hi, T, eps,
+        D, BLOCK_N, CAUSAL, True, PRE_QK, PRE_V, PREC,
+    )  # fmt: skip
+
+    o_MD = acc_MD / l_M[:, None]
+    if ROW:  # epilogue C O: the scale is kept for backward, the unscaled O is not
+        ro_M = row_rscale(o_MD, D, eps)
+        o_MD = o_MD * ro_M[:, None]
+        tl.store(RO + pid_bh * T + offs_m, ro_M, mask=row_ok)
+    tl.store(LSE + pid_bh * T + offs_m, m_M + tl.math.log2(l_M), mask=row_ok)
+    o_ptr = O + b * so_b + hq * so_h + offs_m[:, None] * so_t + offs_d[None, :]
+    tl.store(o_ptr, o_MD.to(O.dtype.element_ty), mask=q_ok)

@@ -1,0 +1,224 @@
+"""The fused Triton kernel (backend="triton") against independent float64 references.
+
+On the CPU these run the kernels in Triton's interpreter (TRITON_INTERPRET=1, set by
+run_tests.sh and below), at small sizes; tests marked `cuda` run the compiled kernels.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported (decoration time)
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton_attention = pytest.importorskip("kernels.triton_attention")
+
+from kernels import PRECONDITIONERS, Preconditioner, attention, resolve_backend  # noqa: E402
+from kernels import backends as backends_mod  # noqa: E402
+from tests.reference import attention_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+RUNNABLE = triton_attention.INTERPRET or CUDA
+pytestmark = pytest.mark.skipif(not RUNNABLE, reason="needs a CUDA GPU or TRITON_INTERPRET=1 before import")
+DEVICE = "cuda" if CUDA and not triton_attention.INTERPRET else "cpu"
+PRECONDS = sorted(PRECONDITIONERS)
+EPS = 1e-6
+
+
+def make_qkv(B, Hq, Hkv, T, D, dtype=torch.float32, device=DEVICE, scale=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed * 1000 + T * 10 + D)
+    shapes = [(B, Hq, T, D), (B, Hkv, T, D), (B, Hkv, T, D)]
+    return [(torch.randn(s, generator=g, dtype=torch.float64) * scale).to(device, dtype) for s in shapes]
+
+
+def reference64(q, k, v, precondition, causal=True, eps=EPS):
+    """Plain float64 torch formula (autograd gives the reference gradients); no project code."""
+    rms = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if precondition in ("qk", "qkv"):
+        q, k = rms(q), rms(k)
+    if precondition == "qkv":
+        v = rms(v)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        T = q.shape[2]
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    o = s.softmax(-1) @ v
+    return rms(o) if precondition == "row" else o
+
+
+def grads(fn, q, k, v, do):
+    """Output and (dq, dk, dv) of fn at (q, k, v) for the output gradient do."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    o = fn(q, k, v)
+    o.backward(do.to(o.dtype))
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def check_against_float64(shape, precondition, causal, dtype, rel_tol):
+    B, Hq, Hkv, T, D = shape
+    q, k, v = make_qkv(B, Hq, Hkv, T, D, dtype)
+    do = torch.randn(B, Hq, T, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(q.device)
+    fused = lambda q, k, v: attention(q, k, v, precondition=precondition, backend="triton", causal=causal, eps=EPS)
+    ref = lambda q, k, v: reference64(q, k, v, precondition, causal)
+    got = grads(fused, q, k, v, do)
+    want = grads(ref, *(t.double() for t in (q, k, v)), do)
+    assert got[0].shape == (B, Hq, T, D) and got[0].dtype == dtype
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert a.shape == b.shape, name
+        scale = float(b.abs().max())
+        torch.testing.assert_close(a.double(), b, rtol=rel_tol, atol=rel_tol * scale, msg=lambda m, n=name: f"{n}: {m}")
+    return got
+
+
+# fp32 data, fp32 math (IEEE dots): each output/gradient entry sums at most T*D ~ 1e3 rounded
+# products (relative step 2^-24 ~ 6e-8) plus exp2/rsqrt ulps; 1e-5 of the largest entry is
+# ~150 steps, while a missing or wrong scale-gradient term is off by O(1) relative.
+FP32_TOL = 1e-5
+SHAPES = [
+    (1, 2, 2, 16, 16),  # exactly one block (interpreter block = 16)
+    (2, 4, 2, 37, 16),  # GQA, T not a multiple of the block
+    (1, 4, 1, 21, 32),  # multi-query, two blocks with a tail
+    (1, 2, 1, 5, 8),  # T and D smaller than a block (padded head dim)
+]
+
+
+@pytest.mark.parametrize("precondition", PRECONDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_grads_match_float64(shape, precondition):
+    check_against_float64(shape, precondition, causal=True, dtype=torch.float32, rel_tol=FP32_TOL)
+
+
+@pytest.mark.parametrize("precondition", PRECONDS)
+def test_non_causal_matches_float64(precondition):
+    check_against_float64((1, 4, 2, 19, 16), precondition, causal=False, dtype=torch.float32, rel_tol=FP32_TOL)
+
+
+def test_forward_matches_numpy_reference():
+    q, k, v = make_qkv(2, 4, 2, 23, 16)
+    for p in PRECONDS:
+        out = attention(q, k, v, precondition=p, backend="triton")
+        ref = attention_reference(q.cpu(), k.cpu(), v.cpu(), p)
+        np.testing.assert_allclose(out.cpu().double().numpy(), ref, rtol=FP32_TOL, atol=FP32_TOL)
+
+
+@pytest.mark.parametrize("precondition", ["none", "qkv", "row"])
+def test_fp16_matches_float64(precondition):
+    # fp16 (10 mantissa bits, step 2^-11 ~ 5e-4): inputs, P and dS are rounded before the dots,
+    # each sum of ~T terms; 1e-2 of the largest entry is ~20 steps. (bf16 runs in the CUDA tests:
+    # Triton's interpreter mis-multiplies bf16 dots, which it stores as raw uint16.)
+    check_against_float64((1, 2, 1, 33, 32), precondition, causal=True, dtype=torch.float16, rel_tol=1e-2)
+
+
+def test_rms_norm_backward_formula():
+    """The gradient folded into the kernels: xn = x r, r = rsqrt(mean x^2 + eps) gives
+    dx = r (dxn - xn mean(dxn xn)); checked against float64 autograd."""
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    dxn = torch.randn(5, 16, dtype=torch.float64)
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-3)
+    (x * r).backward(dxn)
+    xn = (x * r).detach()
+    torch.testing.assert_close(x.grad, r * (dxn - xn * (dxn * xn).mean(-1, keepdim=True)), rtol=1e-12, atol=1e-12)
+
+
+def test_strided_inputs_give_the_same_result():
+    q, k, v = make_qkv(1, 4, 2, 19, 16)
+    as_btHd = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]  # model layout views
+    assert not as_btHd[0].is_contiguous()
+    do = torch.randn_like(q)
+    fn = lambda q, k, v: attention(q, k, v, precondition="qkv", backend="triton")
+    for a, b in zip(grads(fn, q, k, v, do), grads(fn, *as_btHd, do), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_causality():
+    q, k, v = make_qkv(1, 2, 1, 20, 16)
+    t = 11
+    base = attention(q, k, v, precondition="qkv", backend="triton")
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, :, t:] += 5 * torch.randn_like(x[:, :, t:])
+    moved = attention(q2, k2, v2, precondition="qkv", backend="triton")
+    torch.testing.assert_close(moved[:, :, :t], base[:, :, :t], rtol=0, atol=0)
+    assert not torch.allclose(moved[:, :, t:], base[:, :, t:])
+
+
+def test_unknown_fused_preconditioner_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(PRECONDITIONERS, "diag2", Preconditioner("diag2"))  # as register() would, undone after
+    q, k, v = make_qkv(1, 2, 1, 8, 16)
+    with pytest.raises(ValueError, match="fused Triton kernel does not implement"):
+        attention(q, k, v, precondition="diag2", backend="triton")
+    # the other backends still take it, and auto never picks a kernel that cannot fuse it
+    attention(q, k, v, precondition="diag2", backend="sdpa")
+
+
+def test_wrong_dtype_and_cpu_without_interpreter_are_clear(monkeypatch):
+    q, k, v = make_qkv(1, 2, 1, 8, 16, dtype=torch.float64, device="cpu")
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        attention(q, k, v, backend="triton")
+    monkeypatch.setattr(triton_attention, "INTERPRET", False)
+    with pytest.raises(ValueError, match="CUDA GPU, or TRITON_INTERPRET=1"):
+        attention(q.float(), k.float(), v.float(), backend="triton")
+
+
+def test_auto_order(monkeypatch):
+    assert resolve_backend("auto", device="cpu") == "sdpa"
+    B = backends_mod.BACKENDS
+    can = lambda q, device: None
+    cannot = lambda q, device: "not here"
+    monkeypatch.setitem(B, "triton", backends_mod.Backend("triton", B["triton"].run, True, can))
+    monkeypatch.setitem(B, "flash", backends_mod.Backend("flash", B["flash"].run, False, can))
+    assert resolve_backend("auto", device="cuda") == "triton"
+    monkeypatch.setitem(PRECONDITIONERS, "diag2", Preconditioner("diag2"))
+    assert resolve_backend("auto", device="cuda", precondition="diag2") == "flash"
+    monkeypatch.setitem(B, "triton", backends_mod.Backend("triton", B["triton"].run, True, cannot))
+    assert resolve_backend("auto", device="cuda") == "flash"
+    monkeypatch.setitem(B, "flash", backends_mod.Backend("flash", B["flash"].run, False, cannot))
+    assert resolve_backend("auto", device="cuda") == "sdpa"
+
+
+# ---- CUDA only: compiled kernels, low precision, real head dims and lengths ----------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("precondition", PRECONDS)
+@pytest.mark.parametrize("T", [1000, 2048])
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_low_precision_matches_float64(dtype, D, precondition, T):
+    # bf16 keeps 8 mantissa bits (step 2^-8 ~ 4e-3): 2e-2 of the largest entry is ~5 steps
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-2
+    check_against_float64((2, 8, 2, T, D), precondition, causal=True, dtype=dtype, rel_tol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_fp32_long_sequence():
+    check_against_float64((1, 4, 4, 4096 + 17, 64), "qkv", causal=True, dtype=torch.float32, rel_tol=FP32_TOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_timing_sanity():
+    """Fused qkv forward+backward is not far from SDPA (plain) at T=4096, D=128, bf16."""
+    q, k, v = make_qkv(4, 16, 16, 4096, 128, torch.bfloat16, device="cuda")
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    do = torch.randn_like(q)
+
+    def timed(backend, precondition):
+        fn = lambda: attention(q, k, v, precondition=precondition, backend=backend).backward(do)
+        for _ in range(3):  # compile, autotune, warm up
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 10
+
+    fused, sdpa = timed("triton", "qkv"), timed("sdpa", "none")
+    assert fused < 3 * sdpa, f"triton qkv {fused:.2f} ms vs sdpa none {sdpa:.2f} ms"
