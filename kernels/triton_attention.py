@@ -10,6 +10,7 @@ Runs on CUDA GPUs, or on the CPU when TRITON_INTERPRET=1 was set before this imp
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -33,10 +34,13 @@ FUSED = {
 }
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+AUTOTUNE = os.environ.get("TRITON_ATTN_AUTOTUNE", "1") != "0"
+"""TRITON_ATTN_AUTOTUNE=0 (read at import) compiles one block shape per kernel: for quick GPU tests."""
+
 _KEY = ["T", "D", "GROUP", "CAUSAL", "PRE_QK", "PRE_V"]
-_fwd = triton.autotune(configs(INTERPRET, fwd_like=True), key=[*_KEY, "ROW"])(attn_fwd_kernel)
-_dkdv = triton.autotune(configs(INTERPRET, fwd_like=False), key=_KEY)(attn_bwd_dkdv_kernel)
-_dq = triton.autotune(configs(INTERPRET, fwd_like=True), key=_KEY)(attn_bwd_dq_kernel)
+_fwd = triton.autotune(configs("fwd", INTERPRET, AUTOTUNE), key=[*_KEY, "ROW"])(attn_fwd_kernel)
+_dkdv = triton.autotune(configs("dkdv", INTERPRET, AUTOTUNE), key=_KEY)(attn_bwd_dkdv_kernel)
+_dq = triton.autotune(configs("dq", INTERPRET, AUTOTUNE), key=_KEY)(attn_bwd_dq_kernel)
 
 
 def unavailable_reason(q: Tensor | None = None, device: torch.device | None = None) -> str | None:
@@ -139,6 +143,7 @@ class _FusedAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse, ro = ctx.saved_tensors
         dq, dk, dv = _backward(_unit_last_stride(do), q, k, v, o, lse, ro, *ctx.args)

@@ -16,14 +16,21 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-def configs(interpret: bool, fwd_like: bool) -> list[triton.Config]:
-    """Block shapes to autotune over. `fwd_like`: BLOCK_M is a multiple of BLOCK_N (forward and
-    dq); otherwise BLOCK_N is a multiple of BLOCK_M (dk/dv). The interpreter gets one small block."""
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, first = the default without autotuning.
+# fwd and dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0 (the causal diagonal).
+BLOCKS = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
+    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+    "dq": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
+}
+
+
+def configs(kernel: str, interpret: bool, autotune: bool) -> list[triton.Config]:
+    """Block shapes for `kernel` to autotune over (just the first when not autotuning);
+    the interpreter gets one small block."""
     if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
-    if not fwd_like:
-        shapes = [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)]
+    shapes = BLOCKS[kernel] if autotune else BLOCKS[kernel][:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 

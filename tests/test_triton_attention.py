@@ -185,13 +185,12 @@ def test_auto_order(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("precondition", PRECONDS)
-@pytest.mark.parametrize("T", [1000, 2048])
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_cuda_low_precision_matches_float64(dtype, D, precondition, T):
+def test_cuda_low_precision_matches_float64(dtype, D, precondition):
     # bf16 keeps 8 mantissa bits (step 2^-8 ~ 4e-3): 2e-2 of the largest entry is ~5 steps
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-2
-    check_against_float64((2, 8, 2, T, D), precondition, causal=True, dtype=dtype, rel_tol=tol)
+    check_against_float64((2, 8, 2, 1000, D), precondition, causal=True, dtype=dtype, rel_tol=tol)
 
 
 @pytest.mark.cuda
