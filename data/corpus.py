@@ -1,0 +1,197 @@
+"""The passes `prepare_data` makes over a corpus: check the files, choose the held-out
+documents, feed the tokenizer trainer, count tokens and pack the validation windows.
+
+The validation split holds out whole documents: those whose 64-bit doc_hash is among the
+smallest `val_fraction` of the corpus (at least one), recorded as a hash threshold so that
+every rank and every later run filters the same documents out of the training stream without
+a list. The default corpus instead holds out whole plays as separate files (data/default_corpus.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data.config import ConfigError, DataConfig
+from data.default_corpus import fetch_default_corpus, split_plays
+from data.sources import ScanReport, SourceSpec, check_files, doc_hash, file_sources, hub_source, iter_texts
+from data.stream import TOKENIZE_BATCH, WindowPacker
+
+DEFAULT_CORPUS = "default corpus (Shakespeare's plays)"
+
+
+def resolve_sources(cfg: DataConfig) -> tuple[list[SourceSpec], list[SourceSpec]]:
+    """(training sources, separate validation sources): the latter only for the default corpus."""
+    if cfg.files and cfg.hf_dataset:
+        raise ConfigError("data.files and data.hf_dataset: both are set; give one of them (or neither for the default)")
+    if cfg.files:
+        return file_sources(cfg), []
+    if cfg.hf_dataset:
+        return [hub_source(cfg)], []
+    train, val = split_plays(fetch_default_corpus(cfg.cache_dir), cfg.val_fraction)
+    return [SourceSpec(DEFAULT_CORPUS, "text", tuple(train))], [SourceSpec(DEFAULT_CORPUS, "text", tuple(val))]
+
+
+def source_fingerprint(specs: list[SourceSpec]) -> list:
+    """What identifies the corpus for the cache: each file's path, size and mtime; a hub dataset's name."""
+    out = []
+    for s in specs:
+        files = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in s.files]
+        out.append([s.name, s.format, s.hf_subset, s.hf_split, files])
+    return out
+
+
+class CorpusPass:
+    """Streams the documents of a corpus for `prepare_data`; holds what the passes learn."""
+
+    def __init__(self, specs: list[SourceSpec], val_specs: list[SourceSpec], cfg: DataConfig, progress: bool):
+        self.specs, self.val_specs, self.cfg, self.progress = specs, val_specs, cfg, progress
+        self.user_weights = list(cfg.weights) or [None] * len(specs)
+        self.report = ScanReport()
+        self.val_threshold = 0
+        self.counts: dict[str, int] = {}
+        self.source_bytes: list[int] = []
+
+    def _docs(self, specs: list[SourceSpec], desc: str) -> Iterator[tuple[int, str]]:
+        bar = tqdm(desc=desc, unit=" docs", disable=not self.progress, leave=False)
+        for k, spec in enumerate(specs):
+            for text in iter_texts(spec):
+                bar.update()
+                yield k, text
+        bar.close()
+
+    def _check(self) -> None:
+        kept, weights, n_files = [], [], 0
+        for spec, weight in zip(self.specs, self.user_weights, strict=True):
+            if spec.format != "hub":
+                n_files += len(spec.files)
+                files = check_files(spec, self.report)
+                if not files:
+                    continue  # a source whose files are all empty drops out of the mixture
+                spec = replace(spec, files=tuple(files))
+            kept.append(spec)
+            weights.append(weight)
+        if not kept:
+            raise ConfigError(f"data.files: all {n_files} matched files are empty; give files that hold text")
+        self.val_specs = [replace(s, files=tuple(check_files(s, self.report))) for s in self.val_specs]
+        self.specs, self.user_weights = kept, weights
+
+    def check_and_split(self) -> None:
+        """Check every file, then choose the held-out documents (sets val_threshold)."""
+        self._check()
+        hashes, sizes, owner = [], [], []
+        for k, text in self._docs(self.specs, "reading corpus"):
+            hashes.append(doc_hash(text))
+            sizes.append(len(text.encode("utf-8")))
+            owner.append(k)
+        if not hashes:
+            raise ConfigError(f"data: {self.specs[0].name!r} yields no documents with text; check data.text_field")
+        hashes_u = np.array(hashes, dtype=np.uint64)
+        if not self.val_specs:
+            if len(hashes) < 2:
+                raise ConfigError("data: the corpus has 1 document; give at least 2 (whole documents are held out)")
+            n_val = min(len(hashes) - 1, max(1, round(self.cfg.val_fraction * len(hashes))))
+            self.val_threshold = int(np.sort(hashes_u)[n_val - 1]) + 1
+        train = hashes_u >= np.uint64(min(self.val_threshold, 2**64 - 1))
+        sizes_a, owner_a = np.array(sizes), np.array(owner)
+        self.source_bytes = [int(sizes_a[train & (owner_a == k)].sum()) for k in range(len(self.specs))]
+
+    def _is_train(self, text: str) -> bool:
+        return doc_hash(text) >= self.val_threshold
+
+    def train_texts(self, desc: str = "training the tokenizer") -> Iterator[str]:
+        """The training split's texts (the tokenizer's training data)."""
+        return (t for _, t in self._docs(self.specs, desc) if self._is_train(t))
+
+    def val_texts(self) -> Iterator[str]:
+        if self.val_specs:
+            return (t for _, t in self._docs(self.val_specs, "validation"))
+        return (t for _, t in self._docs(self.specs, "validation") if not self._is_train(t))
+
+    def _count(self, split: str, texts: list[str], tok) -> list[list[int]]:
+        encoded = [e.ids for e in tok.encode_batch(texts)]
+        self.counts[f"{split}_documents"] = self.counts.get(f"{split}_documents", 0) + len(texts)
+        self.counts[f"{split}_bytes"] = self.counts.get(f"{split}_bytes", 0) + sum(len(t.encode()) for t in texts)
+        self.counts[f"{split}_tokens"] = self.counts.get(f"{split}_tokens", 0) + sum(map(len, encoded))
+        return encoded
+
+    def count_and_pack(self, tok, eos_id: int) -> np.ndarray:
+        """Count documents, bytes and tokens of both splits; returns the validation windows (N, seq_len + 1)."""
+        for split in ("train", "val"):
+            for key in ("documents", "bytes", "tokens"):
+                self.counts[f"{split}_{key}"] = 0
+        batch = []
+        for t in self.train_texts("counting tokens"):
+            batch.append(t)
+            if len(batch) == TOKENIZE_BATCH:
+                self._count("train", batch, tok)
+                batch = []
+        self._count("train", batch, tok)
+        packer, windows = WindowPacker(self.cfg.seq_len + 1), []
+        for t in self.val_texts():
+            packer.push(self._count("val", [t], tok)[0] + [eos_id])
+            while packer.ready() and len(windows) < self.cfg.val_windows:
+                windows.append(packer.pop())
+        if not windows:
+            raise ConfigError(
+                f"data: the validation split has {self.counts['val_tokens']} tokens, fewer than data.seq_len + 1 = "
+                f"{self.cfg.seq_len + 1}; raise data.val_fraction or add documents"
+            )
+        return np.stack(windows)
+
+    def weights(self) -> list[float]:
+        """Mixture weights: data.weights, or each source's training bytes."""
+        if self.user_weights and self.user_weights[0] is not None:
+            for spec, w in zip(self.specs, self.user_weights, strict=True):
+                if w <= 0:
+                    raise ConfigError(f"data.weights: {w} for {spec.name!r} is not positive; give weights > 0")
+            return [float(w) for w in self.user_weights]
+        return [float(max(b, 1)) for b in self.source_bytes]
+
+    def replaced_message(self) -> str:
+        r = self.report
+        return (
+            f"data: {r.replaced} invalid UTF-8 sequences in {len(r.replaced_files)} files were replaced by U+FFFD "
+            f"(first: {r.replaced_files[0]})"
+        )
+
+    def stats(self, vocab_size: int, n_val_windows: int) -> dict:
+        c = self.counts
+        total_bytes = c["train_bytes"] + c["val_bytes"]
+        return {
+            **c,
+            "sources": [{"name": s.name, "files": len(s.files)} for s in self.specs],
+            "files": sum(len(s.files) for s in self.specs + self.val_specs),
+            "empty_files": len(self.report.empty_files),
+            "non_utf8_replaced": self.report.replaced,
+            "non_utf8_files": len(self.report.replaced_files),
+            "tokens_per_byte": (c["train_tokens"] + c["val_tokens"]) / max(total_bytes, 1),
+            "vocab_size": vocab_size,
+            "val_windows": n_val_windows,
+        }
+
+
+def format_stats(stats: dict, tokenizer_path: Path, eos_token: str) -> str:
+    """The statistics table `python -m data.prepare` prints."""
+    s = stats
+    sources = ", ".join(f"{x['name']} ({x['files']} files)" for x in s["sources"])
+    lines = [
+        f"sources           {sources}",
+        f"files             {s['files']} ({s['empty_files']} empty, skipped)",
+        f"documents         {s['train_documents'] + s['val_documents']:,} "
+        f"(train {s['train_documents']:,}, validation {s['val_documents']:,})",
+        f"bytes             {s['train_bytes'] + s['val_bytes']:,} "
+        f"(train {s['train_bytes']:,}, validation {s['val_bytes']:,})",
+        f"tokens            {s['train_tokens'] + s['val_tokens']:,} "
+        f"(train {s['train_tokens']:,}, validation {s['val_tokens']:,})",
+        f"tokens per byte   {s['tokens_per_byte']:.3f}",
+        f"non-UTF-8         {s['non_utf8_replaced']} sequences replaced in {s['non_utf8_files']} files",
+        f"tokenizer         {tokenizer_path} (vocab {s['vocab_size']}, eos {eos_token!r})",
+        f"validation        {s['val_windows']} windows",
+    ]
+    return "\n".join(lines)

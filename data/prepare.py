@@ -1,0 +1,214 @@
+"""Prepare a corpus for training: resolve and check the sources, hold out the validation
+split, train (or load) the tokenizer, pack the fixed validation windows, count statistics.
+
+    python -m data.prepare --config FILE [key=value ...]
+
+The result is cached under data.cache_dir by a hash of the corpus (paths, sizes, mtimes)
+and the settings, so a second call only reads a small manifest; every file is written under
+a temporary name and renamed, and the manifest last, so a reader never sees half a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.config import ConfigError, DataConfig, build_section, load_yaml, run_main
+from data.corpus import CorpusPass, format_stats, resolve_sources, source_fingerprint
+from data.sources import SourceSpec
+from data.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_bpe
+
+MANIFEST_VERSION = 1
+"""Bump when the prepared output changes meaning, so old caches are not reused."""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Everything a TokenStream needs, plus corpus statistics; picklable."""
+
+    tokenizer_path: Path
+    eos_id: int
+    eos_token: str
+    vocab_size: int
+    seq_len: int
+    sources: tuple[SourceSpec, ...]
+    weights: tuple[float, ...]
+    val_threshold: int
+    """Documents whose doc_hash is below this are held out (0: none, the split is by file)."""
+    val_path: Path
+    stats: dict
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """The folder with tokenizer.json and the transformers config files (copy it on export)."""
+        return self.tokenizer_path.parent
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _check_limits(cfg: DataConfig, model_vocab_size: int | None, model_max_seq_len: int | None) -> None:
+    if model_max_seq_len is not None and cfg.seq_len > model_max_seq_len:
+        raise ConfigError(f"data.seq_len: {cfg.seq_len} is larger than model.max_seq_len={model_max_seq_len}")
+    if not cfg.tokenizer and model_vocab_size is not None and cfg.vocab_size > model_vocab_size:
+        raise ConfigError(f"data.vocab_size: {cfg.vocab_size} is larger than model.vocab_size={model_vocab_size}")
+
+
+def _check_vocab(prepared: PreparedData, cfg: DataConfig, model_vocab_size: int | None) -> None:
+    if model_vocab_size is not None and prepared.vocab_size > model_vocab_size:
+        raise ConfigError(
+            f"data.tokenizer: {cfg.tokenizer or prepared.tokenizer_path} has {prepared.vocab_size} tokens, more than "
+            f"model.vocab_size={model_vocab_size}; raise model.vocab_size or use a smaller tokenizer"
+        )
+
+
+def _tokenizer_fingerprint(cfg: DataConfig) -> list:
+    if not cfg.tokenizer:
+        return ["bpe", cfg.vocab_size]
+    p = Path(cfg.tokenizer)
+    files = sorted(p.iterdir()) if p.is_dir() else [p]
+    return [str(p)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+
+
+def prepare_data(
+    cfg: DataConfig, model_vocab_size: int | None = None, model_max_seq_len: int | None = None, progress: bool = False
+) -> PreparedData:
+    """Prepare (or load from the cache) the corpus of `cfg`; see the module docstring.
+
+    Bad input raises ConfigError with a one-line message. Safe to call from several ranks once
+    one process has finished a first call (they then only read the cache).
+    """
+    _check_limits(cfg, model_vocab_size, model_max_seq_len)
+    cache = Path(cfg.cache_dir)
+    specs, val_specs = resolve_sources(cfg)
+    settings = [MANIFEST_VERSION, source_fingerprint(specs + val_specs), cfg.text_field, cfg.text_split]
+    settings += [cfg.val_fraction, cfg.seq_len, cfg.val_windows, cfg.weights, _tokenizer_fingerprint(cfg)]
+    manifest = cache / "prepared" / f"{_digest(settings)}.json"
+    if manifest.is_file():
+        prepared = _load_manifest(manifest)
+    else:
+        prepared = _build(cfg, specs, val_specs, manifest, progress)
+    _check_vocab(prepared, cfg, model_vocab_size)
+    return prepared
+
+
+def _tokenizer(cfg: DataConfig, corpus: CorpusPass, key: str, progress: bool):
+    """(tokenizer, eos token, path of the cached tokenizer.json): trained on the training split or loaded."""
+    if cfg.tokenizer:
+        tok, eos = load_tokenizer(cfg.tokenizer)
+    else:
+        tok, eos = None, EOS_TOKEN
+    folder = Path(cfg.cache_dir) / "tokenizers" / (key if tok is None else _digest(tok.to_str()))
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(folder / "tokenizer.json")), eos, folder / "tokenizer.json"
+    if tok is None:
+        tok = train_bpe(corpus.train_texts(), cfg.vocab_size, show_progress=progress)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return tok, eos, save_tokenizer(tok, eos, folder, max_len=cfg.seq_len)
+
+
+def _build(
+    cfg: DataConfig, specs: list[SourceSpec], val_specs: list[SourceSpec], manifest: Path, progress: bool
+) -> PreparedData:
+    corpus = CorpusPass(specs, val_specs, cfg, progress)
+    corpus.check_and_split()
+    if corpus.report.replaced:
+        warnings.warn(corpus.replaced_message(), stacklevel=2)
+    settings = [cfg.text_field, cfg.text_split, corpus.val_threshold, cfg.vocab_size]
+    tok_key = _digest([MANIFEST_VERSION, source_fingerprint(specs + val_specs), *settings])
+    tok, eos, tok_path = _tokenizer(cfg, corpus, tok_key, progress)
+    eos_id = tok.token_to_id(eos)
+    val = corpus.count_and_pack(tok, eos_id)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    val_path = manifest.with_suffix(".val.npy")
+    tmp = val_path.with_name(f"{val_path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, val.astype(np.int32))
+    tmp.replace(val_path)
+    stats = corpus.stats(tok.get_vocab_size(with_added_tokens=True), len(val))
+    cache = Path(cfg.cache_dir).resolve()
+    record = {
+        "tokenizer_path": str(tok_path.resolve().relative_to(cache)),
+        "eos_id": eos_id,
+        "eos_token": eos,
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "seq_len": cfg.seq_len,
+        "sources": [asdict(s) for s in corpus.specs],
+        "weights": corpus.weights(),
+        "val_threshold": corpus.val_threshold,
+        "val_path": val_path.name,
+        "stats": stats,
+    }
+    _write_atomic(manifest, json.dumps(record, indent=1).encode())
+    return _load_manifest(manifest)
+
+
+def _load_manifest(manifest: Path) -> PreparedData:
+    record = json.loads(manifest.read_text())
+    cache = manifest.parent.parent.resolve()
+    return PreparedData(
+        tokenizer_path=cache / record["tokenizer_path"],
+        eos_id=record["eos_id"],
+        eos_token=record["eos_token"],
+        vocab_size=record["vocab_size"],
+        seq_len=record["seq_len"],
+        sources=tuple(SourceSpec(**{**s, "files": tuple(s["files"])}) for s in record["sources"]),
+        weights=tuple(record["weights"]),
+        val_threshold=record["val_threshold"],
+        val_path=manifest.parent.resolve() / record["val_path"],
+        stats=record["stats"],
+    )
+
+
+def validation_windows(prepared: PreparedData) -> torch.Tensor:
+    """The fixed validation windows: LongTensor (N, seq_len + 1), N = data.val_windows or fewer
+    when the held-out split is small; the same on every rank, world size and evaluation."""
+    return torch.from_numpy(np.load(prepared.val_path).astype(np.int64))
+
+
+def _model_limit(raw: dict, key: str) -> int | None:
+    value = (raw.get("model") or {}).get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"model.{key}: {value!r} is not a valid int")
+    return value
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.prepare",
+        description="Fetch or check the corpus, train or load the tokenizer, print corpus statistics.",
+    )
+    parser.add_argument("--config", required=True, help="a run YAML (its data and model sections are read)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.vocab_size=2048")
+    args = parser.parse_args(argv)
+    raw = load_yaml(args.config, args.overrides)
+    cfg = build_section(DataConfig, raw.get("data"), "data")
+    limits = {
+        "model_vocab_size": _model_limit(raw, "vocab_size"),
+        "model_max_seq_len": _model_limit(raw, "max_seq_len"),
+    }
+    prepared = prepare_data(cfg, **limits, progress=True)
+    print(format_stats(prepared.stats, prepared.tokenizer_path, prepared.eos_token))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
