@@ -1,0 +1,181 @@
+"""The conditioning probe: condition numbers against numpy, the probed matrices against a numpy
+reference, hooks that leave the model alone, and loading runs and HF exports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import PRECONDITIONERS
+from launcher import conditioning as cond
+from model import ModelConfig, Transformer
+from tests.reference import attention_reference
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# ---- condition numbers --------------------------------------------------------------------
+def test_known_condition_numbers():
+    assert cond.condition_numbers(torch.diag(torch.tensor([1.0, 10.0]))).item() == pytest.approx(10.0, rel=1e-12)
+    assert cond.condition_numbers(torch.eye(5)).item() == pytest.approx(1.0, rel=1e-12)
+    singular = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64)
+    assert math.isinf(cond.condition_numbers(singular).item())
+    assert math.isinf(cond.condition_numbers(torch.zeros(3, 3)).item())
+    # just above numpy's rank tolerance: finite (and huge); just below: singular
+    tol = 2 * np.finfo(np.float64).eps
+    assert cond.condition_numbers(torch.diag(torch.tensor([1.0, 4 * tol], dtype=torch.float64))).item() == (
+        pytest.approx(1 / (4 * tol))
+    )
+    assert math.isinf(cond.condition_numbers(torch.diag(torch.tensor([1.0, tol / 2], dtype=torch.float64))).item())
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (20, 5), (5, 20)])
+def test_condition_numbers_match_numpy(shape):
+    rng = np.random.default_rng(0)
+    mats = rng.standard_normal((7, *shape)) * rng.uniform(0.01, 100, size=(7, 1, shape[1]))
+    got = cond.condition_numbers(torch.from_numpy(mats)).numpy()
+    np.testing.assert_allclose(got, np.linalg.cond(mats), rtol=1e-9)
+    rank_deficient = mats[0][:, :1] @ rng.standard_normal((1, shape[1]))  # rank 1
+    assert np.linalg.matrix_rank(rank_deficient) < min(shape)
+    assert math.isinf(cond.condition_numbers(torch.from_numpy(rank_deficient)).item())
+
+
+# ---- the probed matrices ------------------------------------------------------------------
+def _np_softmax_causal(q, k):
+    T, E = q.shape
+    s = np.where(np.tril(np.ones((T, T), dtype=bool)), q @ k.T / np.sqrt(E), -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("precondition", sorted(PRECONDITIONERS))
+def test_attention_matrices_match_numpy_reference(precondition):
+    B, H, K, T, E = 2, 4, 2, 9, 8
+    q, k, v = torch.randn(B, H, T, E), torch.randn(B, K, T, E), torch.randn(B, K, T, E)
+    mats = cond.attention_matrices(q, k, v, precondition, 1e-6)
+    ref_o = attention_reference(q, k, v, precondition)
+    np.testing.assert_allclose(mats["O"].numpy(), ref_o, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(mats["O_plain"].numpy(), attention_reference(q, k, v, "none"), rtol=1e-10, atol=1e-12)
+    qn, kn = q.double().numpy(), k.double().numpy()
+    if precondition in ("qk", "qkv"):
+        qn, kn = (x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) for x in (qn, kn))
+    np.testing.assert_allclose(mats["Q"].numpy(), qn, rtol=1e-12)
+    np.testing.assert_allclose(mats["K"].numpy(), kn, rtol=1e-12)
+    for b, h in [(0, 0), (1, 3)]:
+        np.testing.assert_allclose(mats["A"][b, h].numpy(), _np_softmax_causal(qn[b, h], kn[b, h // 2]), atol=1e-12)
+    kap = cond.head_kappas(q, k, v, precondition, 1e-6)
+    assert kap["O"].shape == (H,) and kap["K"].shape == (K,)
+    per_seq = np.linalg.cond(ref_o[:, 1])  # head 1, each sequence
+    assert kap["O"][1] == pytest.approx(np.median(per_seq), rel=1e-8)
+
+
+# ---- hooks on a model ---------------------------------------------------------------------
+@pytest.mark.parametrize("precondition", sorted(PRECONDITIONERS))
+def test_probe_leaves_the_model_unchanged(precondition):
+    model = Transformer(tiny_cfg(precondition=precondition)).train()
+    x = torch.randint(0, 64, (3, 20))
+    before = model(x, x).loss
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    store = cond.capture_forward(model, x)
+    # the recomputed O is the model's own output, so O and O_plain differ by the preconditioner only
+    for q, k, v, o in store.values():
+        torch.testing.assert_close(cond.attention_matrices(q, k, v, precondition, 1e-6)["O"].float(), o)
+    tags = cond.probe_during_training(model, x, tiny_cfg(precondition=precondition))
+    assert set(tags) == {f"cond/layer{i}/{n}" for i in range(2) for n in cond.NAMES}
+    assert all(v >= 1.0 for v in tags.values())
+    assert model.training and all(m.capture is None for m in model.modules() if hasattr(m, "capture"))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(model(x, x).loss, before)
+
+
+def test_probe_under_bf16_autocast():
+    model = Transformer(tiny_cfg())
+    x = torch.randint(0, 64, (2, 16))
+    tags = cond.probe_during_training(model, x, tiny_cfg(), lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert all(np.isfinite(v) or math.isinf(v) for v in tags.values()) and len(tags) == 16
+
+
+def test_report_writes_inf_as_a_string(tmp_path):
+    layers = [{n: np.array([2.0, math.inf, math.inf]) for n in cond.NAMES}]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cond.report(layers, {"model": "x"})))
+    raw = json.loads(path.read_text())
+    assert raw["layers"][0]["heads"]["O"] == [2.0, "inf", "inf"] and raw["layers"][0]["median_over_heads"]["O"] == "inf"
+    assert math.isinf(cond.read_json(path)["layers"][0]["median_over_heads"]["A"])
+    assert "inf" in cond.table(layers)
+
+
+# ---- loading: run directories and HF exports ----------------------------------------------
+def _fake_run_dir(tmp_path: Path, model: Transformer, seed: int) -> Path:
+    """A run dir as launcher.train leaves it at ZeRO-0 fp32: config.yaml, checkpoints/latest."""
+    from data.config import DataConfig
+    from launcher.config import RunConfig, TrainConfig, save_run_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "global_step5").mkdir(parents=True)
+    cfg = RunConfig(model=model.cfg, data=DataConfig(seq_len=16, vocab_size=300), train=TrainConfig(seed=seed))
+    save_run_config(cfg, run / "config.yaml")
+    (run / "checkpoints" / "latest").write_text("global_step5")
+    torch.save({"module": model.state_dict()}, run / "checkpoints" / "global_step5" / "mp_rank_00_model_states.pt")
+    return run
+
+
+def test_load_run_dir_and_untrained(tmp_path):
+    torch.manual_seed(3)
+    model = Transformer(tiny_cfg(vocab_size=300, max_seq_len=32))
+    run = _fake_run_dir(tmp_path, model, seed=7)
+    loaded, mcfg, meta = cond.load_model(run)
+    x = torch.randint(0, 300, (2, 12))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    assert meta["step"] == 5 and mcfg.precondition == "qkv"
+    torch.manual_seed(7)  # what the trainer does before building the model
+    fresh = Transformer(model.cfg)
+    untrained, _, meta0 = cond.load_model(run, untrained=True)
+    torch.testing.assert_close(untrained(x).logits, fresh(x).logits, rtol=0, atol=0)
+    assert meta0["step"] == 0
+
+
+def test_bad_model_path_is_a_one_line_error(tmp_path, capsys):
+    assert cond.run_main(cond.main, ["--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("precondition", ["none", "qk", "qkv"])
+def test_hf_export_round_trip_and_text_windows(tmp_path, precondition):
+    convert = pytest.importorskip("launcher.hf.convert")
+    from safetensors.torch import save_file
+
+    from data.tokenizer import train_bpe
+
+    torch.manual_seed(1)
+    cfg = tiny_cfg(vocab_size=320, precondition=precondition, precondition_eps=1e-6)
+    model = Transformer(cfg)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(convert.hf_state_dict(model.state_dict(), cfg, torch.float32), str(hf / "model.safetensors"))
+    convert.hf_config(cfg, dict(bos_token_id=0, eos_token_id=0, pad_token_id=0), torch.float32).save_pretrained(hf)
+    loaded, mcfg, _ = cond.load_model(hf)
+    assert mcfg.precondition == precondition
+    x = torch.randint(0, 320, (2, 20))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+    text = " ".join(["the king and the queen of the sea"] * 200)
+    train_bpe([text], vocab_size=300).save(str(hf / "tokenizer.json"))
+    (tmp_path / "t.txt").write_text(text)
+    out = tmp_path / "c.json"
+    argv = ["--model", str(hf), "--text", str(tmp_path / "t.txt"), "--seq-len", "16", "--batch", "3"]
+    argv += ["--json", str(out)]
+    assert cond.main(argv) == 0
+    doc = cond.read_json(out)
+    assert doc["batch"] == 3 and doc["seq_len"] == 16 and len(doc["layers"]) == 2
+    assert len(doc["layers"][0]["heads"]["K"]) == 2 and len(doc["layers"][0]["heads"]["A"]) == 4
