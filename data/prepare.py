@@ -66,8 +66,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def _check_limits(cfg: DataConfig, model_vocab_size: int | None, model_max_seq_len: int | None) -> None:
     if model_max_seq_len is not None and cfg.seq_len > model_max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.seq_len} is larger than model.max_seq_len={model_max_seq_len}")
-    if not cfg.tokenizer and model_vocab_size is not None and cfg.vocab_size > model_vocab_size:
+    if model_vocab_size is None:
+        return
+    if not cfg.tokenizer and cfg.vocab_size > model_vocab_size:
         raise ConfigError(f"data.vocab_size: {cfg.vocab_size} is larger than model.vocab_size={model_vocab_size}")
+    if cfg.tokenizer:  # loading is cheap: fail before reading the corpus
+        size = load_tokenizer(cfg.tokenizer)[0].get_vocab_size(with_added_tokens=True)
+        if size > model_vocab_size:
+            raise ConfigError(
+                f"data.tokenizer: {cfg.tokenizer} has {size} tokens, more than model.vocab_size={model_vocab_size}; "
+                "raise model.vocab_size or use a smaller tokenizer"
+            )
 
 
 def _check_vocab(prepared: PreparedData, cfg: DataConfig, model_vocab_size: int | None) -> None:
