@@ -1,0 +1,133 @@
+"""Export a run's DeepSpeed checkpoint as a Hugging Face folder that `transformers` loads offline.
+
+    python -m launcher.export_hf --run RUN_DIR [--tag TAG] [--out DIR] [--dtype fp32|bf16]
+
+Writes config.json, model.safetensors, generation_config.json, the tokenizer, a model card
+(README.md) and export.json (our marker) into a temporary folder beside --out, then
+renames it into place. An existing --out is replaced only when it is one of our exports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from data.config import ConfigError, run_main
+from launcher.config import RunConfig, load_run_config
+
+DTYPES = ("fp32", "bf16")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launcher.export_hf", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, type=Path, help="run directory (holds config.yaml and checkpoints/)")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step300 (default: checkpoints/latest)")
+    p.add_argument("--out", default=None, type=Path, help="output folder (default: RUN_DIR/hf)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weight dtype (default fp32, lossless)")
+    return p.parse_args(argv)
+
+
+def check_out_dir(out: Path) -> None:
+    """--out may be absent, empty, or a previous export; anything else is left untouched."""
+    from launcher.hf.files import MARKER, is_export
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        raise ConfigError(f"--out {out}: exists and is not an export (no {MARKER}); choose another --out or remove it")
+
+
+def load_run(run_dir: Path) -> RunConfig:
+    if not run_dir.is_dir():
+        raise ConfigError(f"--run {run_dir}: no such directory")
+    for name in ("config.yaml", "tokenizer.json"):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"--run {run_dir}: no {name}; is it a run directory written by launcher.train?")
+    return load_run_config(run_dir / "config.yaml")
+
+
+def last_val_loss(run_dir: Path, step: int | None) -> float | None:
+    """The last val_loss in metrics.jsonl at or before `step` (for checkpoints without one)."""
+    path, found = run_dir / "metrics.jsonl", None
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if row.get("val_loss") is not None and (step is None or row.get("step", 0) <= step):
+            found = float(row["val_loss"])
+    return found
+
+
+def write_export(tmp: Path, run_dir: Path, cfg: RunConfig, ckpt, dtype_name: str) -> None:
+    """Every file of the export, into the empty folder `tmp`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from launcher.hf import convert, files
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    token_id = files.eot_id(run_dir / "tokenizer.json")
+    ids = dict(bos_token_id=token_id, eos_token_id=token_id, pad_token_id=token_id)
+    tensors = convert.hf_state_dict(ckpt.state_dict, cfg.model, dtype)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(tmp / "model.safetensors", 0o644)  # safetensors creates it owner-only; exports are shared
+    convert.hf_config(cfg.model, ids, dtype).save_pretrained(str(tmp))
+    if convert.needs_remote_code(cfg.model.precondition):
+        shutil.copyfile(convert.MODELING_FILE, tmp / convert.MODELING_FILE.name)
+    files.write_generation_config(tmp, token_id)
+    files.write_tokenizer(run_dir / "tokenizer.json", tmp, cfg.model.max_seq_len)
+    n_params = sum(t.numel() for t in ckpt.state_dict.values())
+    (tmp / "README.md").write_text(files.model_card(cfg, ckpt, dtype_name, n_params))
+    files.write_marker(tmp, run_dir, ckpt, cfg.model.precondition, dtype_name)
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; a previous export is swapped out, then deleted."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype: str = "fp32") -> Path:
+    """Export checkpoint `tag` of `run_dir` to `out` (default RUN_DIR/hf); returns the folder."""
+    from launcher.hf.checkpoint import consolidate, resolve_tag
+
+    out = out if out is not None else run_dir / "hf"
+    cfg = load_run(run_dir)
+    folder = resolve_tag(run_dir, tag)
+    check_out_dir(out)
+    ckpt = consolidate(folder, cfg.model)
+    if ckpt.val_loss is None:
+        ckpt.val_loss = last_val_loss(run_dir, ckpt.step)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_export(tmp, run_dir, cfg, ckpt, dtype)
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = export(args.run, args.tag, args.out, args.dtype)
+    print(f"exported {args.run} -> {out}")
+    print(f'try: python -m launcher.generate --model {out} --prompt "Once upon a time"')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,261 @@
+"""HF export: real DeepSpeed checkpoints (ZeRO 0-3, fp32 and bf16) -> folders that
+`transformers` loads offline, checked against the live training engine.
+
+Tolerance: the exported models compute the same function as ours in a different operation
+order (split vs fused projections, HF's SDPA/eager path, RoPE tables in fp32 vs fp64, the
+rms taken before vs after RoPE, Qwen3's rescaled q/k). With fp32 and logits of size ~1-5
+that moves logits by ~1e-6 (measured); ATOL = 1e-4 leaves a wide margin for that, while any
+real conversion error (a swapped head or norm, the wrong eps, a missing preconditioner)
+moves them by more than 1e-2 (`test_tolerance_detects_a_wrong_eps` keeps that honest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ds_run_fixture import EOT, ROOT, SAMPLE_TEXT, cached_run_dirs
+from safetensors.torch import load_file
+
+from data.config import run_main
+from launcher import export_hf
+from launcher.config import load_run_config
+from launcher.hf.checkpoint import consolidate, resolve_tag
+from model import Transformer
+
+ATOL = 1e-4
+FP32_RUNS = ["none", "qk", "qkv", "row"]
+EXPECTED_CLASS = {
+    "none": "transformers.models.llama.modeling_llama.LlamaForCausalLM",
+    "qk": "transformers.models.qwen3.modeling_qwen3.Qwen3ForCausalLM",
+    "qkv": "modeling_precond_llama.PrecondLlamaForCausalLM",
+    "row": "modeling_precond_llama.PrecondLlamaForCausalLM",
+}
+NON_ASCII = SAMPLE_TEXT[2] + "\n  Grüße, Ω≈ç√ — ¿qué?"
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    return cached_run_dirs(tmp_path_factory.getbasetemp() / "ds_runs")
+
+
+@pytest.fixture(scope="session")
+def exports(runs) -> dict[str, Path]:
+    """Each fp32 run exported to its default folder, RUN_DIR/hf."""
+    return {name: export_hf.export(runs[name]) for name in FP32_RUNS}
+
+
+def fresh_process_env(tmp: Path) -> dict:
+    """Offline, an empty HF home, and nothing of the project importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "PYTHONPATH"))}
+    return {**env, "HF_HOME": str(tmp / "hf_home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="session")
+def loaded(runs, exports, tmp_path_factory) -> dict[str, dict]:
+    """What every export computes when loaded by AutoModelForCausalLM in one fresh process."""
+    tmp = tmp_path_factory.mktemp("fresh")
+    entries = [
+        {
+            "name": name,
+            "folder": str(folder),
+            "remote": name in ("qkv", "row"),
+            "input_ids": reference(runs[name])["input_ids"].tolist(),
+        }
+        for name, folder in exports.items()
+    ]
+    (tmp / "request.json").write_text(json.dumps({"exports": entries, "text": NON_ASCII}), encoding="utf-8")
+    script = Path(ROOT) / "tests" / "hf_load_check.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "request.json", "result.pt"],
+        cwd=tmp, env=fresh_process_env(tmp), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(tmp / "result.pt")
+
+
+def reference(run_dir: Path) -> dict:
+    return torch.load(run_dir / "reference.pt")
+
+
+def native_model(run_dir: Path) -> Transformer:
+    """Our Transformer with the checkpoint's consolidated weights."""
+    cfg = load_run_config(run_dir / "config.yaml").model
+    sd = dict(consolidate(resolve_tag(run_dir, None), cfg).state_dict)
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    model = Transformer(cfg)
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+def native_greedy(model: Transformer, prompt: torch.Tensor, n: int) -> list[int]:
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, prompt.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("name", FP32_RUNS)
+def test_exported_logits_match_the_training_engine(name, runs, loaded):
+    ref, got = reference(runs[name]), loaded[name]
+    assert got["class"].endswith(EXPECTED_CLASS[name]) and got["dtype"] == "torch.float32"
+    if name in ("qkv", "row"):  # remote code, loaded from the export's own copy
+        assert got["class"].startswith("transformers_modules.")
+    assert ref["logits"].abs().max() > 1.0  # logits large enough for ATOL to be a tight check
+    torch.testing.assert_close(got["logits"], ref["logits"], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", FP32_RUNS)
+def test_greedy_generate_is_the_same_with_and_without_cache(name, runs, loaded):
+    got = loaded[name]
+    assert got["cached"] == got["uncached"]
+    prompt = reference(runs[name])["input_ids"][:1, :4]
+    expected = native_greedy(native_model(runs[name]), prompt, 10)
+    assert got["cached"] == expected[: len(got["cached"])]
+    assert len(got["cached"]) == 10 or got["cached"][-1] == got["eos_token_id"]
+
+
+def test_tokenizer_round_trips_non_ascii_text(runs, loaded):
+    from tokenizers import Tokenizer
+
+    eot = Tokenizer.from_file(str(runs["none"] / "tokenizer.json")).token_to_id(EOT)
+    assert any(ord(c) > 127 for c in NON_ASCII)
+    for got in loaded.values():
+        assert got["decoded"] == NON_ASCII
+        assert got["eos_token_id"] == eot and got["generation_eos"] == eot
+        assert eot not in got["encoded"]  # no special token is added around plain text
+
+
+def test_export_folder_contents(runs, exports):
+    for name, folder in exports.items():
+        config = json.loads((folder / "config.json").read_text())
+        remote = name in ("qkv", "row")
+        assert config["architectures"] == [EXPECTED_CLASS[name].rsplit(".", 1)[1]]
+        assert ("auto_map" in config) == remote == (folder / "modeling_precond_llama.py").is_file()
+        for f in ("model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+            assert (folder / f).is_file(), f
+        info = json.loads((folder / "export.json").read_text())
+        state = torch.load(runs[name] / "checkpoints" / "global_step2" / "mp_rank_00_model_states.pt",
+                           weights_only=False) if name != "qkv" else None  # fmt: skip
+        assert info["tag"] == "global_step2" and info["step"] == 2
+        card = (folder / "README.md").read_text()
+        assert f"| tokens seen | {info['tokens']:,} |" in card and f"{info['val_loss']:.4f}" in card
+        assert "precondition: " + name in card  # the training config is in the card
+        if state is not None:
+            assert info["tokens"] == state["tokens"] and info["val_loss"] == pytest.approx(state["val_loss"])
+
+
+def test_stock_architectures_built_from_the_same_tensors(runs, exports):
+    """A LlamaForCausalLM / Qwen3ForCausalLM configured by hand from our config, given the
+    exported tensors (strictly: no missing or extra names), reproduces the engine's logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    for name, config_cls, model_cls in [("none", LlamaConfig, LlamaForCausalLM), ("qk", Qwen3Config, Qwen3ForCausalLM)]:
+        m = load_run_config(runs[name] / "config.yaml").model
+        config = config_cls(
+            vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_hidden,
+            num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+            head_dim=m.head_dim, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, max_position_embeddings=m.max_seq_len,
+        )  # fmt: skip
+        model = model_cls(config).eval()
+        missing, unexpected = model.load_state_dict(load_file(exports[name] / "model.safetensors"), strict=False)
+        assert unexpected == [] and missing == (["lm_head.weight"] if m.tie_embeddings else [])
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        ref = reference(runs[name])
+        with torch.no_grad():
+            torch.testing.assert_close(model(ref["input_ids"]).logits, ref["logits"], rtol=0, atol=ATOL)
+
+
+def test_tolerance_detects_a_wrong_eps(runs, exports):
+    """Loading the qkv export with norm_eps as its precondition_eps moves logits far beyond ATOL."""
+    from launcher.hf.modeling_precond_llama import PrecondLlamaConfig, PrecondLlamaForCausalLM
+
+    config = PrecondLlamaConfig.from_pretrained(exports["qkv"])
+    config.precondition_eps = config.rms_norm_eps
+    model = PrecondLlamaForCausalLM(config).eval()
+    model.load_state_dict(load_file(exports["qkv"] / "model.safetensors"), strict=False)
+    ref = reference(runs["qkv"])
+    with torch.no_grad():
+        assert (model(ref["input_ids"]).logits - ref["logits"]).abs().max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("name", ["bf16_z0", "bf16_z3"])
+def test_bf16_runs_export_the_fp32_master_weights(name, runs, tmp_path):
+    cfg = load_run_config(runs[name] / "config.yaml").model
+    masters = reference(runs[name])["fp32_params"]
+    masters.pop("lm_head.weight", None) if cfg.tie_embeddings else None
+    got = consolidate(resolve_tag(runs[name], None), cfg).state_dict
+    assert got.keys() == masters.keys()
+    for k, v in masters.items():
+        assert torch.equal(got[k], v), k
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in masters.values())  # not just the bf16 copy
+    out = export_hf.export(runs[name], out=tmp_path / "hf", dtype="bf16")
+    tensors = load_file(out / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert torch.equal(tensors["model.embed_tokens.weight"], masters["embed_tokens.weight"].bfloat16())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_tag_selects_an_older_checkpoint(runs, exports, tmp_path):
+    out = export_hf.export(runs["none"], tag="global_step1", out=tmp_path / "old")
+    assert json.loads((out / "export.json").read_text())["step"] == 1
+    old, new = load_file(out / "model.safetensors"), load_file(exports["none"] / "model.safetensors")
+    assert not torch.equal(old["model.embed_tokens.weight"], new["model.embed_tokens.weight"])
+
+
+def test_reexport_replaces_a_previous_export(runs, tmp_path):
+    out = tmp_path / "hf"
+    export_hf.export(runs["row"], tag="global_step1", out=out)
+    (out / "stale.txt").write_text("left by the previous export")
+    export_hf.export(runs["row"], out=out)
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "export.json").read_text())["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folders left
+
+
+def bad_run_dirs(runs: dict[str, Path], tmp: Path) -> dict[str, list[str]]:
+    """argv for each bad input; every case uses tmp copies or folders that must stay untouched."""
+    no_ckpt = tmp / "no_ckpt"
+    no_ckpt.mkdir()
+    for f in ("config.yaml", "tokenizer.json"):
+        (no_ckpt / f).write_bytes((runs["none"] / f).read_bytes())
+    foreign = tmp / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    (tmp / "a_file").write_text("mine")
+    return {
+        "no checkpoint": ["--run", str(no_ckpt)],
+        "missing tag": ["--run", str(runs["none"]), "--tag", "global_step99", "--out", str(tmp / "x")],
+        "foreign out": ["--run", str(runs["none"]), "--out", str(foreign)],
+        "out is a file": ["--run", str(runs["none"]), "--out", str(tmp / "a_file")],
+        "not a run dir": ["--run", str(tmp / "nowhere")],
+    }
+
+
+def test_bad_inputs_are_one_line_errors_with_exit_2(runs, tmp_path, capsys):
+    cases = bad_run_dirs(runs, tmp_path)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for case, argv in cases.items():
+        assert run_main(export_hf.main, argv) == 2, case
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (case, err)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_cli_error_is_one_line_on_stderr(runs, tmp_path):
+    argv = bad_run_dirs(runs, tmp_path)["missing tag"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.export_hf", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "global_step99" in proc.stderr and "global_step2" in proc.stderr
