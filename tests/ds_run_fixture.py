@@ -102,7 +102,9 @@ def build_engine(spec: RunSpec, cfg):
         "bf16": {"enabled": spec.precision == "bf16"},
         "steps_per_print": 10**9,
     }
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # two groups (matrices, then vectors) as in training, so masters are not in model order
+    groups = [{"params": [p for p in model.parameters() if p.dim() == d]} for d in (2, 1)]
+    optimizer = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
