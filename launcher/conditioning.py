@@ -43,7 +43,13 @@ NAMES = ("O", "O_plain", "Q", "Q_plain", "K", "K_plain", "A", "A_plain")
 def condition_numbers(m: Tensor) -> Tensor:
     """kappa of each matrix of a stack (..., m, n) in float64 singular values; inf where
     numerically singular (numpy matrix_rank's tolerance). Returns float64 (...)."""
-    s = torch.linalg.svdvals(m.double())
+    threads = torch.get_num_threads()
+    if m.device.type == "cpu":
+        torch.set_num_threads(1)  # batched small SVDs: threads only contend (10x slower on 2 busy cores)
+    try:
+        s = torch.linalg.svdvals(m.double())
+    finally:
+        torch.set_num_threads(threads)
     smax, smin = s[..., 0], s[..., -1]
     tol = smax * max(m.shape[-2:]) * torch.finfo(torch.float64).eps
     return torch.where(smin > tol, smax / smin.clamp_min(torch.finfo(torch.float64).tiny), math.inf)

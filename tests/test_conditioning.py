@@ -179,3 +179,24 @@ def test_hf_export_round_trip_and_text_windows(tmp_path, precondition):
     doc = cond.read_json(out)
     assert doc["batch"] == 3 and doc["seq_len"] == 16 and len(doc["layers"]) == 2
     assert len(doc["layers"][0]["heads"]["K"]) == 2 and len(doc["layers"][0]["heads"]["A"]) == 4
+
+
+# ---- the in-training probe ----------------------------------------------------------------
+@pytest.mark.slow
+def test_in_training_probe_does_not_change_training(tmp_path):
+    from launcher.experiment import logged_conditioning, read_rows
+    from tests.train_helpers import ROOT, check, run_single, tiny_overrides, train_losses, write_corpus
+
+    if "probe_during_training" not in (ROOT / "launcher" / "trainer.py").read_text():
+        pytest.skip("launcher/trainer.py does not call probe_during_training yet")
+    glob = write_corpus(tmp_path / "corpus")
+    losses = {}
+    for interval in (0, 2):
+        run = tmp_path / f"run{interval}"
+        check(run_single(tiny_overrides(glob, tmp_path / "cache", run, **{"log.conditioning_interval": interval})))
+        losses[interval] = train_losses(run)
+        logged = logged_conditioning(run, read_rows(run))
+        assert bool(logged) == (interval > 0), sorted(logged)[:4]
+    assert losses[0] == losses[2] and len(losses[0]) == 8
+    assert {"cond/layer0/O", "cond/layer1/A_plain"} <= set(logged)
+    assert [step for step, _ in logged["cond/layer0/O"]] == [2, 4, 6, 8]

@@ -1,0 +1,208 @@
+"""Baseline versus preconditioned attention, measured: train every variant with the same seed,
+data and token budget, probe the condition numbers before and after, and write a report.
+
+    python -m launcher.experiment --config FILE [--name NAME] [--seeds 1,2] [--variants none,qk,qkv,row]
+                                  [--conditioning-interval K] [--target-loss X] [key=value ...]
+
+Runs `python -m launcher.train` once per (variant, seed) into runs/experiments/NAME/V-seedS,
+one after another; a run that already finished is skipped, an unfinished one resumes from its
+checkpoint. Then the probe (launcher.conditioning) measures the step-0 and the final model of
+each run, and docs/experiments/NAME/ gets README.md (tables), results.json and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from data.config import ConfigError, run_main
+from kernels import PRECONDITIONERS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launcher.experiment", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, type=Path, help="the run config every variant trains with")
+    p.add_argument("--name", default=None, help="experiment name (default: the config's file name)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's train.seed)")
+    p.add_argument("--variants", default="none,qk,qkv,row", help="comma-separated preconditioners")
+    p.add_argument(
+        "--conditioning-interval",
+        type=int,
+        default=None,
+        help="in-training probe every K steps "
+        "(default: the config's log.conditioning_interval, or else train.eval_interval)",
+    )
+    p.add_argument(
+        "--target-loss",
+        type=float,
+        default=None,
+        help="for 'tokens to reach' (default: the "
+        "worst variant's mean final validation loss, which every variant reaches on average)",
+    )
+    p.add_argument("--probe-batch", type=int, default=8, help="validation windows for the before/after probe")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/experiments"), help="where the runs go")
+    p.add_argument("--out-dir", type=Path, default=Path("docs/experiments"), help="where the report goes")
+    p.add_argument("--report-only", action="store_true", help="do not train; report on the runs already there")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace):
+    """Validate before anything heavy; returns the resolved base config."""
+    from launcher.config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in args.variants:
+        if v not in PRECONDITIONERS:
+            raise ConfigError(f"--variants: {v!r} is unknown; choose from {', '.join(PRECONDITIONERS)}")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.train.seed]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated ints, e.g. 1,2,3") from None
+    if args.conditioning_interval is None:
+        args.conditioning_interval = cfg.log.conditioning_interval or cfg.train.eval_interval
+    if args.conditioning_interval < 0 or args.probe_batch < 1:
+        raise ConfigError("--conditioning-interval must be >= 0 and --probe-batch >= 1")
+    args.name = args.name or args.config.stem
+    return cfg
+
+
+# ---- training ------------------------------------------------------------------------------
+def read_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows; a line cut short by a crash is skipped."""
+    path, rows = run_dir / "metrics.jsonl", []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def finished(run_dir: Path, max_steps: int) -> bool:
+    """Trained to max_steps, final evaluation and checkpoint written."""
+    latest = run_dir / "checkpoints" / "latest"
+    done = latest.is_file() and latest.read_text().strip() == f"global_step{max_steps}"
+    return done and any(r.get("step") == max_steps and "val_loss" in r for r in read_rows(run_dir))
+
+
+def train_command(args: argparse.Namespace, variant: str, seed: int, run_dir: Path) -> list[str]:
+    ours = [f"model.precondition={variant}", f"train.seed={seed}", f"train.output_dir={run_dir}"]
+    ours += [f"log.conditioning_interval={args.conditioning_interval}", "log.progress=false"]
+    return [sys.executable, "-m", "launcher.train", "--config", str(args.config), *args.overrides, *ours]
+
+
+def train_one(args: argparse.Namespace, variant: str, seed: int, run_dir: Path) -> float:
+    """Train (or resume) one run as a subprocess, its output in RUN_DIR/train.log; returns seconds."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "cond_after.json").unlink(missing_ok=True)  # stale once training continues
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    start = time.perf_counter()
+    with open(run_dir / "train.log", "a") as log:
+        cmd = train_command(args, variant, seed, run_dir)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:]
+        raise RuntimeError(f"{run_dir}: training failed (exit {proc.returncode}): {' '.join(tail)}; see train.log")
+    return time.perf_counter() - start
+
+
+def probe_run(run_dir: Path, batch: int) -> None:
+    """The probe CLI on the step-0 model ("before") and on the final checkpoint ("after")."""
+    from launcher import conditioning
+
+    for which, extra in (("before", ["--untrained"]), ("after", [])):
+        out = run_dir / f"cond_{which}.json"
+        if not out.is_file():
+            conditioning.main(["--model", str(run_dir), "--json", str(out), "--batch", str(batch), *extra])
+
+
+def run_all(args: argparse.Namespace, max_steps: int) -> dict[tuple[str, int], Path]:
+    """Every (variant, seed) trained and probed; returns their run dirs."""
+    runs = {}
+    for seed in args.seeds:
+        for variant in args.variants:
+            run_dir = args.runs_dir / args.name / f"{variant}-seed{seed}"
+            runs[variant, seed] = run_dir
+            if args.report_only:
+                continue
+            if finished(run_dir, max_steps):
+                print(f"skip {run_dir}: already finished", flush=True)
+            else:
+                print(f"train {variant} seed {seed} -> {run_dir}", flush=True)
+                secs = train_one(args, variant, seed, run_dir)
+                val = [r["val_loss"] for r in read_rows(run_dir) if "val_loss" in r]
+                print(f"  done in {secs:.0f} s, final val_loss {val[-1]:.4f}", flush=True)
+            probe_run(run_dir, args.probe_batch)
+    return runs
+
+
+# ---- collecting what the runs logged -------------------------------------------------------
+def logged_conditioning(run_dir: Path, rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] of the in-training probe: from metrics.jsonl when the trainer put
+    "cond/..." keys there, else from TensorBoard."""
+    series: dict[str, list] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("cond/") and v is not None:
+                series.setdefault(k, []).append((r["step"], float(v)))
+    if series or not (run_dir / "tensorboard").is_dir():
+        return series
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in acc.Tags().get("scalars", []):
+        if tag.startswith("cond/"):
+            series[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    return series
+
+
+def collect(run_dir: Path) -> dict:
+    """One run's evaluation curve, throughput, and condition numbers (before, after, logged)."""
+    from launcher.conditioning import read_json
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"{run_dir}: no metrics.jsonl; train it first (drop --report-only)")
+    rows = read_rows(run_dir)
+    evals = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    tps = [r["tokens_per_sec"] for r in rows if r.get("tokens_per_sec")][1:]  # the first includes start-up
+    out = {"run_dir": str(run_dir), "evals": evals, "tokens_per_sec": sorted(tps)[len(tps) // 2] if tps else None}
+    for which in ("before", "after"):
+        path = run_dir / f"cond_{which}.json"
+        layers = read_json(path)["layers"] if path.is_file() else []
+        out[f"cond_{which}"] = [layer["median_over_heads"] for layer in layers]
+    out["cond_logged"] = logged_conditioning(run_dir, rows)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from launcher.experiment_report import write_report
+
+    args = parse_args(argv)
+    cfg = check_args(args)
+    try:
+        runs = run_all(args, cfg.train.max_steps)
+    except RuntimeError as e:  # a run failed: its log says why
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    results = {key: collect(run_dir) for key, run_dir in runs.items()}
+    command = "python -m launcher.experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    out = write_report(args.out_dir / args.name, cfg, args, results, command)
+    print(f"report: {out / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,317 @@
+"""The experiment's report: markdown tables, an honest verdict, PNG plots (launcher.experiment).
+
+results: (variant, seed) -> {"evals": [(tokens, val_loss)], "tokens_per_sec", "cond_before",
+"cond_after" (per layer: name -> kappa, median over heads), "cond_logged" (tag -> [(step, value)])}.
+Spreads are over seeds: mean ± sample standard deviation (min-max, n).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+PROBED = ("O", "O_plain", "Q", "Q_plain", "K", "K_plain", "A", "A_plain")
+
+
+# ---- statistics ----------------------------------------------------------------------------
+def summary(xs: list[float]) -> dict:
+    """mean, sample sd (None for one value), min, max, n of the finite values."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
+    sd = statistics.stdev(xs) if len(xs) > 1 else None
+    return {"mean": statistics.fmean(xs), "sd": sd, "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def fmt_summary(s: dict, digits: int = 4) -> str:
+    if s["n"] == 0:
+        return "n/a"
+    if s["sd"] is None:
+        return f"{s['mean']:.{digits}f} (n=1)"
+    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f}, n={s['n']})"
+
+
+def val_at(evals: list, tokens: int) -> float | None:
+    """Validation loss at `tokens`, linearly interpolated between evaluations."""
+    for (t0, v0), (t1, v1) in zip(evals, evals[1:], strict=False):
+        if t0 <= tokens <= t1:
+            return v0 + (v1 - v0) * (tokens - t0) / max(t1 - t0, 1)
+    return evals[0][1] if evals and evals[0][0] == tokens else None
+
+
+def tokens_to_reach(evals: list, target: float) -> float | None:
+    """Tokens at which the validation loss first reaches `target` (interpolated), None if never."""
+    prev = None
+    for t, v in evals:
+        if v <= target:
+            if prev is None or prev[1] == v:
+                return float(t)
+            return prev[0] + (t - prev[0]) * (prev[1] - target) / (prev[1] - v)
+        prev = (t, v)
+    return None
+
+
+def tokens_fmt(x: float) -> str:
+    return f"{x:.0f}" if x < 1e4 else f"{x / 1e3:.0f}k" if x < 1e6 else f"{x / 1e6:.2f}M"
+
+
+def kappa_fmt(x) -> str:
+    return "n/a" if x is None else ("inf" if math.isinf(x) else f"{x:.3g}")
+
+
+def median(xs: list[float]) -> float | None:
+    """Median that keeps infinities (a singular matrix is a result, not a gap)."""
+    xs = sorted(x for x in xs if x is not None)
+    return statistics.median(xs) if xs else None
+
+
+# ---- tables ---------------------------------------------------------------------------------
+def by_variant(args, results: dict) -> dict[str, list[dict]]:
+    return {v: [results[v, s] for s in args.seeds] for v in args.variants}
+
+
+def fixed_tokens(results: dict) -> list[int]:
+    """Up to three evaluation points every run shares (a quarter, half, three quarters in)."""
+    common = sorted(set.intersection(*(set(t for t, _ in r["evals"]) for r in results.values())))
+    inner = common[:-1]
+    if len(inner) <= 3:
+        return inner
+    return sorted({inner[int(len(common) * f) - 1] for f in (0.25, 0.5, 0.75)})
+
+
+def loss_table(args, results: dict, target: float) -> list[str]:
+    points = fixed_tokens(results)
+    head = ["variant", *[f"val loss @ {tokens_fmt(t)} tok" for t in points], "final val loss", "Δ final vs none"]
+    head += [f"tokens to val {target:.3f}", "tokens/s (median)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = summary([r["evals"][-1][1] for r in by_variant(args, results).get("none", [])])
+    for v, runs in by_variant(args, results).items():
+        final = summary([r["evals"][-1][1] for r in runs])
+        cells = [f"`{v}`", *[fmt_summary(summary([val_at(r["evals"], t) for r in runs])) for t in points]]
+        delta = final["mean"] - base["mean"] if base["n"] and final["n"] else None
+        cells += [fmt_summary(final), "n/a" if delta is None else "-" if v == "none" else f"{delta:+.4f}"]
+        reach = [tokens_to_reach(r["evals"], target) for r in runs]
+        missed = sum(x is None for x in reach)
+        reached = summary(reach)
+        cells.append(
+            ("n/a" if not reached["n"] else tokens_fmt(reached["mean"]))
+            + (f" ({missed}/{len(runs)} never)" if missed else "")
+        )
+        tps = summary([r["tokens_per_sec"] for r in runs])
+        cells.append("n/a" if not tps["n"] else f"{tps['mean']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def layer_kappa(runs: list[dict], which: str, layer: int, name: str) -> float | None:
+    """Median over seeds of one layer's kappa (itself the median over heads)."""
+    return median([r[which][layer][name] for r in runs if len(r[which]) > layer])
+
+
+def cond_table(args, results: dict) -> list[str]:
+    """Per variant and layer: kappa before -> after training (median over heads, then seeds)."""
+    head = ["variant", "layer", "O before", "O after", "O_plain after", "Q / Q_plain after", "K / K_plain after"]
+    head += ["A after", "A_plain after"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v, runs in by_variant(args, results).items():
+        for i in range(max(len(r["cond_after"]) for r in runs)):
+            after = {n: kappa_fmt(layer_kappa(runs, "cond_after", i, n)) for n in PROBED}
+            cells = [f"`{v}`", str(i), kappa_fmt(layer_kappa(runs, "cond_before", i, "O")), after["O"]]
+            cells += [after["O_plain"], f"{after['Q']} / {after['Q_plain']}", f"{after['K']} / {after['K_plain']}"]
+            cells += [after["A"], after["A_plain"]]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+# ---- the verdict ----------------------------------------------------------------------------
+def verdict(args, results: dict) -> list[str]:
+    """Which variant ended lowest, whether the gap beats the seed noise, what would settle it."""
+    finals = {v: summary([r["evals"][-1][1] for r in runs]) for v, runs in by_variant(args, results).items()}
+    best = min(finals, key=lambda v: finals[v]["mean"])
+    n = len(args.seeds)
+    lines = [f"- Lowest mean final validation loss: `{best}` ({fmt_summary(finals[best])})."]
+    if "none" in finals:
+        for v, s in finals.items():
+            if v != "none":
+                lines.append("- " + compare(v, s, finals["none"], n))
+    if n < 2:
+        lines.append("- One seed only: the spread is unknown, so no difference here is evidence; run >= 3 seeds.")
+    if "qkv" in finals and best != "qkv":
+        lines.append(
+            "- Default (`qkv`) versus the best here: "
+            + compare(best, finals[best], finals["qkv"], n, "qkv")
+            + " Change the default only when this gap is larger than 2 SE, and say why in the README."
+        )
+    lines.append(conditioning_line(args, results))
+    lines.append(
+        "- Scale: this is a small model over a small token budget on one machine. A firm conclusion on "
+        "training efficiency needs enough seeds for the gaps above (see the seed estimates), and runs "
+        "long and large enough for the paper's setting (e.g. configs/gpu-125m.yaml over >= 1B tokens, "
+        ">= 3 seeds), reporting tokens-to-target-loss with error bars."
+    )
+    return lines
+
+
+def compare(v: str, s: dict, base: dict, n: int, base_name: str = "none") -> str:
+    """One variant's final loss against a baseline's, with the standard error of the gap."""
+    d = s["mean"] - base["mean"]
+    word = "lower" if d < 0 else "higher"
+    if n < 2 or s["sd"] is None or base["sd"] is None:
+        return f"`{v}` vs `{base_name}`: {abs(d):.4f} {word} (one seed: no error bar)."
+    se = math.sqrt((s["sd"] ** 2 + base["sd"] ** 2) / n)
+    firm = abs(d) > 2 * se
+    need = math.ceil(8 * ((s["sd"] ** 2 + base["sd"] ** 2) / 2) / d**2) if d else None
+    text = f"`{v}` vs `{base_name}`: {abs(d):.4f} {word}, standard error of the gap {se:.4f} over {n} seeds: "
+    if firm:
+        return text + "larger than 2 SE, a difference at this scale."
+    more = f"about {need} seeds per variant would resolve a gap this size" if need else "no gap at all"
+    return text + f"within 2 SE, not distinguishable from seed noise ({more})."
+
+
+def conditioning_line(args, results: dict) -> str:
+    """The paper's first claim, checked: does the preconditioner lower kappa(O) of the same q, k, v?"""
+    parts = []
+    for v, runs in by_variant(args, results).items():
+        if v == "none":
+            continue
+        ratios = [
+            r["cond_after"][i]["O_plain"] / r["cond_after"][i]["O"]
+            for r in runs
+            for i in range(len(r["cond_after"]))
+            if math.isfinite(r["cond_after"][i]["O"] or math.inf)
+        ]
+        if ratios:
+            parts.append(f"`{v}` {median(ratios):.2g}x")
+    if not parts:
+        return "- Condition numbers: no after-training probe results."
+    return (
+        "- kappa(O_plain) / kappa(O) after training, same q, k, v, median over layers and seeds "
+        "(> 1: the preconditioner lowers the head outputs' condition number): " + ", ".join(parts) + "."
+    )
+
+
+# ---- plots ----------------------------------------------------------------------------------
+def plot_loss(args, results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v, runs in by_variant(args, results).items():
+        tokens = sorted(set.intersection(*(set(t for t, _ in r["evals"]) for r in runs)))
+        vals = [[dict(r["evals"])[t] for r in runs] for t in tokens]
+        ax.plot(tokens, [statistics.fmean(x) for x in vals], marker="o", ms=3, label=v)
+        ax.fill_between(tokens, [min(x) for x in vals], [max(x) for x in vals], alpha=0.2)
+    ax.set(
+        xlabel="tokens",
+        ylabel="validation loss",
+        title=f"validation loss (mean, band: min-max over {len(args.seeds)} seeds)",
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_conditioning(args, results: dict, path: Path) -> None:
+    """Bars: kappa before/after training (median over layers and seeds); logged curves if any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logged = any(r["cond_logged"] for r in results.values())
+    fig, axes = plt.subplots(1, 2 if logged else 1, figsize=(13 if logged else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    bars = [("cond_before", "O"), ("cond_after", "O"), ("cond_after", "O_plain")]
+    bars += [("cond_after", "A"), ("cond_after", "A_plain")]
+    width = 0.8 / len(bars)
+    for j, (which, name) in enumerate(bars):
+        for x, runs in enumerate(by_variant(args, results).values()):
+            val = median([layer[name] for r in runs for layer in r[which]])
+            shown = val if val is not None and math.isfinite(val) else float("nan")
+            ax.bar(x + j * width, shown, width, color=f"C{j}", label=f"{name} {which[5:]}" if x == 0 else None)
+            if val is not None and math.isinf(val):
+                ax.text(x + j * width, 1, "inf", ha="center", va="bottom", rotation=90)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(args.variants))], args.variants)
+    ax.set(yscale="log", ylabel="condition number", title="median over layers, heads, sequences, seeds")
+    ax.legend(fontsize=8)
+    if logged:
+        plot_logged(args, results, axes[0][1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_logged(args, results: dict, ax) -> None:
+    """kappa(O) over training from the in-training probe, median over layers, mean over seeds."""
+    for c, (v, runs) in enumerate(by_variant(args, results).items()):
+        for name, style in (("O", "-"), ("O_plain", ":")):
+            per_step: dict[int, list[float]] = {}
+            for r in runs:
+                for tag, pts in r["cond_logged"].items():
+                    if tag.endswith(f"/{name}"):
+                        for step, val in pts:
+                            per_step.setdefault(step, []).append(val)
+            steps = sorted(per_step)
+            if steps:
+                label = f"{v} {name}"
+                ax.plot(steps, [median(per_step[s]) for s in steps], style, color=f"C{c}", label=label)
+    ax.set(yscale="log", xlabel="step", ylabel="kappa (median over layers, seeds)", title="during training")
+    ax.legend(fontsize=7, ncol=2)
+
+
+# ---- the report -----------------------------------------------------------------------------
+def default_target(args, results: dict) -> float:
+    """The worst variant's mean final validation loss: a level every variant reaches on average."""
+    return max(summary([r["evals"][-1][1] for r in runs])["mean"] for runs in by_variant(args, results).values())
+
+
+def setup_lines(cfg, args, command: str) -> list[str]:
+    m, t, d = cfg.model, cfg.train, cfg.data
+    tok_step = t.micro_batch_size * t.grad_accum * d.seq_len
+    return [
+        f"- Command: `{command}`",
+        f"- Model: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads}/{m.n_kv_heads} q/kv heads, "
+        f"vocab {m.vocab_size}; seq_len {d.seq_len}; {t.precision}; lr {t.lr}",
+        f"- Budget per run: {t.max_steps} steps x {tok_step} tokens (one rank) = {tokens_fmt(t.max_steps * tok_step)} "
+        f"tokens; seeds {', '.join(map(str, args.seeds))}; variants {', '.join(args.variants)}",
+        "- Every variant of a seed sees the same initial weights (same seed) and the same batches.",
+    ]
+
+
+def jsonable(x):
+    """Infinity as the string "inf" (standard JSON has none); tuples as lists."""
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    return x
+
+
+def write_report(out: Path, cfg, args, results: dict, command: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    target = args.target_loss if args.target_loss is not None else default_target(args, results)
+    plot_loss(args, results, out / "val_loss.png")
+    plot_conditioning(args, results, out / "conditioning.png")
+    lines = [f"# Experiment `{args.name}`: plain versus preconditioned attention", "", *setup_lines(cfg, args, command)]
+    lines += ["", "## Validation loss", "", "Mean ± sample standard deviation over seeds (min-max, n).", ""]
+    lines += loss_table(args, results, target)
+    lines += ["", "![validation loss](val_loss.png)", "", "## Condition numbers", ""]
+    lines += [
+        "kappa = sigma_max / sigma_min in float64 (launcher.conditioning), median over heads, then over seeds;",
+        "`_plain` = plain attention of the same q, k, v; before = the step-0 model; inf = numerically singular.",
+        "",
+    ]
+    lines += cond_table(args, results)
+    lines += ["", "![condition numbers](conditioning.png)", "", "## What this shows", "", *verdict(args, results)]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    raw = {f"{v}-seed{s}": r for (v, s), r in results.items()}
+    (out / "results.json").write_text(json.dumps(jsonable(raw), indent=1) + "\n")
+    return out
