@@ -41,6 +41,8 @@ class RunSpec:
     precision: str = "fp32"
     tie_embeddings: bool = True
     steps: int = 2
+    world_size: int = 1
+    """Ranks (processes) that train it; ZeRO partitions parameters across them."""
 
 
 def train_tokenizer(path: Path, vocab_size: int = 300) -> None:
@@ -136,28 +138,36 @@ def reference(engine, spec: RunSpec, vocab: int) -> dict:
 
 
 def build_run_dir(spec: RunSpec, run_dir: Path, tokenizer: Path) -> None:
-    """Train `spec.steps` steps, save a checkpoint per step, and write the run files."""
+    """Train `spec.steps` steps, save a checkpoint per step, and write the run files (rank 0)."""
     import torch
+    import torch.distributed as dist
 
     from launcher.config import save_run_config
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    rank0 = dist.get_rank() == 0
     cfg = run_config(spec, run_dir)
-    save_run_config(cfg, run_dir / "config.yaml")
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+        save_run_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(0)  # the same initial weights on every rank
     engine = build_engine(spec, cfg)
+    torch.manual_seed(1 + dist.get_rank())  # different batches on every rank
     vocab, rows = cfg.model.vocab_size, []
     for step in range(1, spec.steps + 1):
         x = torch.randint(0, vocab, (2, 17))
         loss = engine(x[:, :-1], x[:, 1:]).loss
         engine.backward(loss)
         engine.step()
-        tokens, val_loss = step * x[:, :-1].numel(), round(loss.item() + 0.01, 6)
+        tokens = step * x[:, :-1].numel() * dist.get_world_size()
+        val_loss = round(loss.item() + 0.01, 6)
         rows.append({"step": step, "loss": loss.item(), "lr": 1e-2, "tokens": tokens, "val_loss": val_loss})
         state = {"step": step, "tokens": tokens, "val_loss": val_loss}
         engine.save_checkpoint(str(run_dir / "checkpoints"), tag=f"global_step{step}", client_state=state)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    torch.save(reference(engine, spec, vocab), run_dir / "reference.pt")
+    ref = reference(engine, spec, vocab)  # collective under ZeRO-3
+    if rank0:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        torch.save(ref, run_dir / "reference.pt")
 
 
 def free_port() -> int:
@@ -167,49 +177,66 @@ def free_port() -> int:
 
 
 def build_all(root: Path, specs: list[RunSpec]) -> None:
-    """In this process: one gloo process group for every engine, destroyed at the end."""
+    """In this process (one rank; RANK/WORLD_SIZE/MASTER_* come from the environment): one gloo
+    process group for every engine, destroyed at the end."""
     import deepspeed
     import torch
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="gloo")
     try:
-        tokenizer = root / "tokenizer.json"
-        train_tokenizer(tokenizer)
         for spec in specs:
-            torch.manual_seed(0)
-            build_run_dir(spec, root / spec.name, tokenizer)
+            build_run_dir(spec, root / spec.name, root / "tokenizer.json")
     finally:
         torch.distributed.destroy_process_group()
 
 
-def make_run_dirs(root: Path, specs: list[RunSpec], timeout: float = 300) -> dict[str, Path]:
-    """Build the run directories in a fresh subprocess; returns {spec.name: run_dir}."""
-    root.mkdir(parents=True, exist_ok=True)
+def launch_ranks(root: Path, specs: list[RunSpec], world_size: int) -> list[subprocess.Popen]:
+    """Start `world_size` rank processes that build `specs` together."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world_size))
     payload = json.dumps([asdict(s) for s in specs])
-    proc = subprocess.run(
-        [sys.executable, __file__, str(root), payload], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"building run directories failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return [
+        subprocess.Popen(
+            [sys.executable, __file__, str(root), payload],
+            cwd=ROOT,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for r in range(world_size)
+    ]
+
+
+def make_run_dirs(root: Path, specs: list[RunSpec], timeout: float = 300) -> dict[str, Path]:
+    """Build the run directories in fresh processes (one group of ranks per world size, all
+    at once); returns {spec.name: run_dir}."""
+    root.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(root / "tokenizer.json")
+    sizes = sorted({s.world_size for s in specs})
+    procs = [p for n in sizes for p in launch_ranks(root, [s for s in specs if s.world_size == n], n)]
+    outputs = []
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:  # a rank left waiting in a collective after its peer died
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(p.returncode != 0 for p in procs):
+        raise RuntimeError("building run directories failed:\n" + "\n".join(o[-4000:] for o in outputs))
     return {s.name: root / s.name for s in specs}
-
-
-if __name__ == "__main__":
-    build_all(Path(sys.argv[1]), [RunSpec(**d) for d in json.loads(sys.argv[2])])
 
 
 # The run directories the export and generate tests share (built once per pytest session).
 STANDARD_SPECS = [
     RunSpec("none", precondition="none", zero_stage=0),
     RunSpec("qk", precondition="qk", zero_stage=1),
-    RunSpec("qkv", precondition="qkv", zero_stage=3),
-    RunSpec("row", precondition="row", zero_stage=2, tie_embeddings=False),
+    RunSpec("qkv", precondition="qkv", zero_stage=3, world_size=2),
+    RunSpec("row", precondition="row", zero_stage=2, tie_embeddings=False, world_size=2),
     RunSpec("bf16_z0", precondition="qkv", zero_stage=0, precision="bf16"),
-    RunSpec("bf16_z3", precondition="qk", zero_stage=3, precision="bf16", tie_embeddings=False),
+    RunSpec("bf16_z3", precondition="qk", zero_stage=3, precision="bf16", tie_embeddings=False, world_size=2),
 ]
 
 
@@ -221,3 +248,7 @@ def cached_run_dirs(root: Path, specs: list[RunSpec] = STANDARD_SPECS) -> dict[s
         make_run_dirs(root, specs)
         done.write_text(payload)
     return {s.name: root / s.name for s in specs}
+
+
+if __name__ == "__main__":
+    build_all(Path(sys.argv[1]), [RunSpec(**d) for d in json.loads(sys.argv[2])])

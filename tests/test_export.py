@@ -259,3 +259,10 @@ def test_cli_error_is_one_line_on_stderr(runs, tmp_path):
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "global_step99" in proc.stderr and "global_step2" in proc.stderr
+
+
+def test_two_rank_runs_hold_one_partition_per_rank(runs):
+    """qkv (ZeRO-3), row (ZeRO-2) and bf16_z3 were trained by 2 ranks: their exports, checked
+    above, merged 2 partitions of every parameter."""
+    for name in ("qkv", "row", "bf16_z3"):
+        assert len(list((runs[name] / "checkpoints" / "global_step2").glob("*_optim_states.pt"))) == 2, name

@@ -124,9 +124,9 @@ def consolidate(folder: Path, cfg: ModelConfig) -> Checkpoint:
     states_file = folder / (STAGE3_STATES if (folder / STAGE3_STATES).is_file() else MODEL_STATES)
     states = torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)
     if any(folder.glob("*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with _quiet():  # importing deepspeed also logs its accelerator choice
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with _quiet():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:
         sd = _stage0_state_dict(states)
