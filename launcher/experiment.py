@@ -177,7 +177,8 @@ def collect(run_dir: Path) -> dict:
         raise ConfigError(f"{run_dir}: no metrics.jsonl; train it first (drop --report-only)")
     rows = read_rows(run_dir)
     evals = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    tps = [r["tokens_per_sec"] for r in rows if r.get("tokens_per_sec")][1:]  # the first includes start-up
+    tps = [r["tokens_per_sec"] for r in rows if r.get("tokens_per_sec")]
+    tps = tps[1:] if len(tps) > 1 else tps  # the first row includes start-up
     out = {"run_dir": str(run_dir), "evals": evals, "tokens_per_sec": sorted(tps)[len(tps) // 2] if tps else None}
     for which in ("before", "after"):
         path = run_dir / f"cond_{which}.json"
