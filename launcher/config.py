@@ -53,9 +53,16 @@ class TrainConfig:
     """The run directory: config, checkpoints, tensorboard, metrics.jsonl, hf export."""
     threads: int = 0
     """CPU threads per rank (0 = cores / local ranks)."""
+    batch_order: str = "rank"
+    """rank: each rank streams its own documents (scales); global: every rank reads the whole
+    stream and takes its slice of each global batch, so batches do not depend on the world size."""
+    dist_timeout: int = 600
+    """Seconds a collective may wait before the job fails (a dead rank must not hang the rest)."""
 
     def __post_init__(self) -> None:
         check_choice("train", "precision", self.precision, ("fp32", "bf16"))
+        check_choice("train", "batch_order", self.batch_order, ("rank", "global"))
+        check_range("train", "dist_timeout", self.dist_timeout, self.dist_timeout >= 10, "an int >= 10 (seconds)")
         for key in ("max_steps", "micro_batch_size", "grad_accum", "keep_last"):
             check_range("train", key, getattr(self, key), getattr(self, key) >= 1, "a positive int")
         for key in ("save_interval", "eval_interval", "warmup_steps", "threads"):
@@ -141,3 +148,33 @@ def save_run_config(cfg: RunConfig, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(cfg.to_yaml())
     tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m launcher.config --config FILE [key=value ...] [--get section.key]`: print the
+    resolved config (or one value of it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m launcher.config", description="Print a resolved run config.")
+    parser.add_argument("--config", default=None, help="a run config YAML (default: built-in defaults)")
+    parser.add_argument("--get", default=None, metavar="SECTION.KEY", help="print only this value")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = load_run_config(args.config, args.overrides)
+    if args.get is None:
+        print(cfg.to_yaml(), end="")
+        return 0
+    section, _, key = args.get.partition(".")
+    value = getattr(getattr(cfg, section, None), key, None) if section in cfg.to_dict() else None
+    if value is None or key not in cfg.to_dict()[section]:
+        raise ConfigError(f"--get {args.get}: no such key; use section.key, e.g. train.output_dir")
+    print(value)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from data.config import run_main
+
+    sys.exit(run_main(main))

@@ -1,0 +1,52 @@
+"""Train a model: `python -m launcher.train --config FILE [section.key=value ...]`.
+
+Runs under the `deepspeed` launcher, under `torchrun`, or as one plain process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data.config import ConfigError, run_main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a run config YAML, e.g. configs/tiny.yaml")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from launcher.config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)  # validate before starting anything heavy
+
+    from launcher import distributed
+
+    distributed.prepare_environment(cfg.train.threads)
+    distributed.init(cfg.train.dist_timeout)
+    from launcher.trainer import DivergedError, Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.run()
+    except DivergedError as e:
+        from launcher.checkpoint import latest_tag
+
+        if distributed.rank() == 0:
+            last = latest_tag(trainer.ckpt_dir) or "none"
+            print(f"error: training diverged: {e}; stopped without saving (latest checkpoint: {last})", file=sys.stderr)
+        return 1
+    except ConfigError as e:
+        if distributed.rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

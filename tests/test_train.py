@@ -1,0 +1,210 @@
+"""Real training runs: one process, DeepSpeed ranks over gloo, resume, faults, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from launcher.distributed import free_port
+from tests.train_helpers import (
+    check,
+    metric_rows,
+    run_deepspeed,
+    run_single,
+    tiny_overrides,
+    train_losses,
+    write_corpus,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return write_corpus(root / "corpus"), root / "cache"
+
+
+@pytest.fixture(scope="module")
+def single_run(corpus, tmp_path_factory):
+    glob, cache = corpus
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    proc = run_single(tiny_overrides(glob, cache, run_dir))
+    check(proc)
+    return run_dir, proc
+
+
+def test_single_process_run_writes_the_run_directory(single_run):
+    run_dir, proc = single_run
+    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints/latest", "tensorboard"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "checkpoints/latest").read_text() == "global_step8"
+    rows = metric_rows(run_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    for r in train_rows:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec"} <= r.keys()
+        assert r["grad_norm"] > 0 and r["tokens_per_sec"] > 0
+    assert train_rows[-1]["tokens"] == 8 * 2 * 16
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
+    assert "run directory" in proc.stdout and "ZeRO stage 0" in proc.stdout
+
+
+def test_tensorboard_events_carry_the_tags(single_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = single_run
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu", "val/loss", "val/ppl"}
+    assert expected <= tags, tags
+    assert "train/mem_gb" in tags
+    losses = {e.step: e.value for e in acc.Scalars("train/loss")}
+    for step, loss in train_losses(run_dir).items():
+        assert losses[step] == pytest.approx(loss, rel=1e-6)
+
+
+def test_learning_rate_follows_warmup_and_cosine(single_run):
+    from launcher.config import load_run_config
+    from launcher.optim import lr_factor
+
+    run_dir, _ = single_run
+    cfg = load_run_config(run_dir / "config.yaml")
+    lrs = {r["step"]: r["lr"] for r in metric_rows(run_dir) if "lr" in r}
+    # the row of step s reports the lr the scheduler holds after s steps
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(cfg.train.lr * lr_factor(step, cfg.train), rel=1e-9)
+    assert lr_factor(0, cfg.train) == pytest.approx(0.5)
+    assert lr_factor(cfg.train.max_steps, cfg.train) == pytest.approx(cfg.train.min_lr / cfg.train.lr)
+
+
+def test_zero0_one_rank_matches_zero2_two_ranks(corpus, tmp_path):
+    """Same global batch (global batch order), fp32: the optimizer math must agree."""
+    glob, cache = corpus
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    check(run_single(tiny_overrides(glob, cache, one, **{"train.micro_batch_size": 4, "train.batch_order": "global"})))
+    check(
+        run_deepspeed(
+            tiny_overrides(glob, cache, two, **{"train.batch_order": "global", "deepspeed.zero_stage": 2}),
+            2,
+            free_port(),
+        )
+    )
+    a, b = train_losses(one), train_losses(two)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    assert metric_rows(two)[-1]["val_loss"] == pytest.approx(metric_rows(one)[-1]["val_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_resume_exactly_after_sigkill(corpus, tmp_path, stage):
+    glob, cache = corpus
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    extra = {"deepspeed.zero_stage": stage, "train.max_steps": 10, "train.save_interval": 4}
+    check(run_deepspeed(tiny_overrides(glob, cache, whole, **extra), 2, free_port()))
+    killed = run_deepspeed(tiny_overrides(glob, cache, broken, **extra), 2, free_port(), PRECOND_FAULT="sigkill@6:1")
+    assert killed.returncode != 0
+    assert (broken / "checkpoints/latest").read_text() == "global_step4"
+    assert max(train_losses(broken)) >= 5  # it ran past the checkpoint before dying
+    resumed = run_deepspeed(tiny_overrides(glob, cache, broken, **extra), 2, free_port())
+    check(resumed)
+    assert "resuming at step 4" in resumed.stdout
+    a, b = train_losses(whole), train_losses(broken)
+    assert list(b) == list(range(1, 11))  # each step logged once, in order
+    assert a == b  # bit-identical: same data, same optimizer and scheduler state, same reductions
+
+
+def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
+    glob, cache = corpus
+    run_dir = tmp_path / "term"
+    import sys
+
+    from tests.train_helpers import ROOT, env
+
+    cmd = [sys.executable, "-m", "launcher.train", "--config", str(ROOT / "configs/tiny.yaml")]
+    cmd += tiny_overrides(
+        glob, cache, run_dir, **{"train.max_steps": 100000, "train.save_interval": 0, "train.eval_interval": 0}
+    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    while time.time() < deadline and len(metric_rows(run_dir)) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    tag = (run_dir / "checkpoints/latest").read_text()
+    last = max(train_losses(run_dir))
+    assert tag == f"global_step{last}" and last < 100000
+    assert "stop requested" in out + err
+
+
+def test_a_dead_rank_does_not_hang_the_job(corpus, tmp_path):
+    glob, cache = corpus
+    start = time.time()
+    proc = run_deepspeed(
+        tiny_overrides(glob, cache, tmp_path / "dead", **{"train.max_steps": 1000, "train.save_interval": 0}),
+        2,
+        free_port(),
+        timeout=200,
+        PRECOND_FAULT="sigkill@3:1",
+    )
+    assert proc.returncode != 0
+    assert time.time() - start < 150
+
+
+def test_two_nodes_on_localhost_without_ssh(corpus, tmp_path):
+    from tests.train_helpers import ROOT, deepspeed_cmd, env
+
+    glob, cache = corpus
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = free_port()
+    run_dir = tmp_path / "nodes"
+    procs = []
+    for node in (0, 1):
+        args = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr", "127.0.0.1"]
+        cmd = deepspeed_cmd(tiny_overrides(glob, cache, run_dir, **{"train.max_steps": 4}), 1, port, args)
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "world size 2" in outs[0][0]
+    assert (run_dir / "checkpoints/latest").read_text() == "global_step4"
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path):
+    proc = run_single([f"train.output_dir={tmp_path}/x", "train.precision=fp8"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "train.precision" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_user_deepspeed_json_merges_and_conflicts_are_errors(tmp_path):
+    from data.config import ConfigError
+    from launcher.config import load_run_config
+    from launcher.ds_config import build_ds_config
+
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "flops_profiler": {}}))
+    cfg = load_run_config(None, ["deepspeed.zero_stage=2", f"deepspeed.config={ok}"])
+    merged = build_ds_config(cfg, world_size=2)
+    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert merged["train_batch_size"] == cfg.train.micro_batch_size * 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = load_run_config(None, [f"deepspeed.config={bad}"])
+    with pytest.raises(ConfigError, match=r"zero_optimization.stage=3 conflicts with zero_optimization.stage=0"):
+        build_ds_config(cfg, world_size=1)
