@@ -49,7 +49,6 @@ if [ "${NODE_RANK:-0}" = "0" ]; then
   python -m launcher.export_hf --run "$run_dir"
   echo
   echo "Hugging Face export: $run_dir/hf"
-  echo "Generate:            .venv/bin/python -m launcher.generate --model $run_dir/hf --prompt 'ROMEO:' --max-new-tokens 60"
   echo "TensorBoard:         .venv/bin/tensorboard --logdir $run_dir/tensorboard"
   echo "Run directory:       $run_dir"
 fi
