@@ -58,6 +58,9 @@ class TrainConfig:
     stream and takes its slice of each global batch, so batches do not depend on the world size."""
     dist_timeout: int = 600
     """Seconds a collective may wait before the job fails (a dead rank must not hang the rest)."""
+    compile: bool = False
+    """torch.compile the model through DeepSpeed (inductor): about 1.3x faster steps after a
+    compile of about a minute on CPU; pays off on long runs."""
 
     def __post_init__(self) -> None:
         check_choice("train", "precision", self.precision, ("fp32", "bf16"))

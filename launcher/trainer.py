@@ -131,6 +131,8 @@ class Trainer:
             lr_scheduler=scheduler,
             config=build_ds_config(self.cfg, dist.world_size()),
         )
+        if self.cfg.train.compile:
+            self.engine.compile()  # in place: parameter names and checkpoints stay unchanged
 
     # ---- the loop -----------------------------------------------------------------------
     def autocast(self):
@@ -306,7 +308,7 @@ class Trainer:
             f"batch           {tokens_per_step} tokens/step = {c.train.micro_batch_size} x {c.train.grad_accum} "
             f"x {dist.world_size()} ranks x {c.data.seq_len}",
             f"parallelism     world size {dist.world_size()}, ZeRO stage {c.deepspeed.zero_stage}, "
-            f"{c.train.precision} on {self.device.type}",
+            f"{c.train.precision} on {self.device.type}" + (", torch.compile" if c.train.compile else ""),
             f"steps           {self.step} -> {c.train.max_steps}",
         ]
         print("\n".join(lines), flush=True)

@@ -1,0 +1,144 @@
+"""Training-step throughput: ours (DeepSpeed engine, our model) vs transformers' LlamaForCausalLM
+with torch AdamW, at identical dimensions, batch, sequence length and precision.
+
+    python bench/train_throughput.py [--config configs/tiny.yaml] [--rounds 5] [--steps 5]
+
+Runs every variant in turn, round after round (so drift of the machine hits all), and prints
+tokens/s of each and its ratio to the eager reference. Variants: ours without and with the
+preconditioner, ours compiled (train.compile=true), and the reference eager and compiled, so a
+compiled number is never compared with an eager one only. Single process, ZeRO stage 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+
+class RandomWindows:
+    """Stands in for the data stream: uniform random token windows (throughput only)."""
+
+    def __init__(self, vocab: int, seq_len: int):
+        self.vocab, self.seq_len = vocab, seq_len
+        self.g = torch.Generator().manual_seed(0)
+
+    def next_batch(self, B: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab, (B, self.seq_len + 1), generator=self.g)
+
+
+def build_ours(cfg):
+    from launcher.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    trainer._build_engine()
+    trainer.stream = RandomWindows(cfg.model.vocab_size, cfg.data.seq_len)
+    return trainer.train_step
+
+
+def build_reference(cfg, compiled: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = cfg.model
+    hf_cfg = LlamaConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.d_model,
+        intermediate_size=m.ffn_hidden,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_kv_heads,
+        max_position_embeddings=m.max_seq_len,
+        rope_theta=m.rope_theta,
+        rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=m.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(cfg.train.seed)
+    model = LlamaForCausalLM(hf_cfg)
+    if compiled:
+        model.compile()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.train.lr,
+        betas=(cfg.train.beta1, cfg.train.beta2),
+    )
+    stream = RandomWindows(m.vocab_size, cfg.data.seq_len)
+    bf16 = cfg.train.precision == "bf16"
+
+    def step() -> float:
+        batch = stream.next_batch(cfg.train.micro_batch_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def timed(step, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from launcher import distributed
+    from launcher.config import load_run_config
+
+    cfg = load_run_config(args.config, ["train.output_dir=runs/bench", "log.progress=false", *args.overrides])
+    distributed.prepare_environment(cfg.train.threads)
+    distributed.init(cfg.train.dist_timeout)
+    variants = {}
+    for precondition, compiled in (("none", False), ("qkv", False), ("qkv", True)):
+        over = ["train.output_dir=runs/bench", f"model.precondition={precondition}", f"train.compile={compiled}"]
+        c = load_run_config(args.config, [*over, *args.overrides])
+        variants[f"ours ({precondition}{', compiled' if compiled else ''})"] = build_ours(c)
+    variants["transformers Llama"] = build_reference(cfg)
+    variants["transformers Llama (compiled)"] = build_reference(cfg, compiled=True)
+    for name, step in variants.items():  # warm-up (and the compile, timed)
+        print(f"warm-up {name}: {timed(step, 2):.1f} s", flush=True)
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len * args.steps
+    results = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, step in variants.items():
+            results[name].append(tokens / timed(step, args.steps))
+    ref = statistics.median(results["transformers Llama"])
+    m, t = cfg.model, cfg.train
+    print(
+        f"model d_model={m.d_model} layers={m.n_layers} heads={m.n_heads}/{m.n_kv_heads} vocab={m.vocab_size}; "
+        f"batch {t.micro_batch_size} x {cfg.data.seq_len}; {t.precision}; threads {torch.get_num_threads()}; "
+        f"median of {args.rounds} rounds x {args.steps} steps"
+    )
+    print(f"{'variant':<30} {'tokens/s':>10} {'min':>10} {'max':>10} {'vs reference':>13}")
+    for name, vals in results.items():
+        med = statistics.median(vals)
+        print(f"{name:<30} {med:>10.0f} {min(vals):>10.0f} {max(vals):>10.0f} {med / ref:>12.2f}x")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main()
