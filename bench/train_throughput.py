@@ -44,23 +44,15 @@ def build_ours(cfg):
 
 
 def build_reference(cfg, compiled: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """LlamaForCausalLM with our dimensions (the exporter's config mapping for `none`)."""
+    import dataclasses
+
+    from transformers import LlamaForCausalLM
+
+    from launcher.hf.convert import hf_config
 
     m = cfg.model
-    hf_cfg = LlamaConfig(
-        vocab_size=m.vocab_size,
-        hidden_size=m.d_model,
-        intermediate_size=m.ffn_hidden,
-        num_hidden_layers=m.n_layers,
-        num_attention_heads=m.n_heads,
-        num_key_value_heads=m.n_kv_heads,
-        max_position_embeddings=m.max_seq_len,
-        rope_theta=m.rope_theta,
-        rms_norm_eps=m.norm_eps,
-        tie_word_embeddings=m.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-    )
+    hf_cfg = hf_config(dataclasses.replace(m, precondition="none"), {}, torch.float32)
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(cfg.train.seed)
     model = LlamaForCausalLM(hf_cfg)
