@@ -147,6 +147,8 @@ class Trainer:
             batch_BT = self.stream.next_batch(t.micro_batch_size).to(self.device)
             with self.autocast():
                 loss = self.engine(batch_BT[:, :-1], batch_BT[:, 1:]).loss
+            if faults.poison_loss(self.step + 1, dist.rank()):
+                loss = loss * float("nan")
             self.engine.backward(loss)
             if self.cfg.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
                 # DeepSpeed reports no norm for a plain optimizer without ZeRO: clip (and measure) here

@@ -182,6 +182,16 @@ def test_a_dead_rank_does_not_hang_the_job(corpus, tmp_path):
     assert time.time() - start < 150
 
 
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    glob, cache = corpus
+    run_dir = tmp_path / "nan"
+    proc = run_single(tiny_overrides(glob, cache, run_dir), PRECOND_FAULT="nan@6")
+    assert proc.returncode == 1
+    assert "diverged" in proc.stderr and "step 6" in proc.stderr and "Traceback" not in proc.stderr
+    assert (run_dir / "checkpoints/latest").read_text() == "global_step4"
+    assert not (run_dir / "checkpoints/global_step6").exists()
+
+
 def test_two_nodes_on_localhost_without_ssh(corpus, tmp_path):
     from tests.train_helpers import ROOT, deepspeed_cmd, env
 
