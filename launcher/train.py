@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_run_config(args.config, args.overrides)  # validate before starting anything heavy
 
+    import warnings
+
+    # DeepSpeed's ZeRO calls a torch collective that torch marks deprecated: not the user's concern
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     from launcher import distributed
 
     distributed.prepare_environment(cfg.train.threads)

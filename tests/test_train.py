@@ -192,6 +192,23 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_p
     assert not (run_dir / "checkpoints/global_step6").exists()
 
 
+def test_torchrun_two_ranks_zero1(corpus, tmp_path):
+    import sys
+
+    from tests.train_helpers import ROOT, env
+
+    glob, cache = corpus
+    run_dir = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    cmd += ["-m", "launcher.train", "--config", str(ROOT / "configs/tiny.yaml")]
+    cmd += tiny_overrides(glob, cache, run_dir, **{"deepspeed.zero_stage": 1, "train.max_steps": 4})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    check(proc)
+    assert "world size 2, ZeRO stage 1" in proc.stdout and "deprecated" not in proc.stderr
+    assert list(train_losses(run_dir)) == [1, 2, 3, 4]
+    assert (run_dir / "checkpoints/latest").read_text() == "global_step4"
+
+
 def test_two_nodes_on_localhost_without_ssh(corpus, tmp_path):
     from tests.train_helpers import ROOT, deepspeed_cmd, env
 
