@@ -93,7 +93,7 @@ class LogConfig:
     progress: bool = True
     """Show a progress bar on rank 0."""
     conditioning_interval: int = 0
-    """Run the conditioning probe every N steps on rank 0 (0 = off)."""
+    """Run the conditioning probe every N steps (0 = off); every rank joins the forward pass."""
 
     def __post_init__(self) -> None:
         check_range("log", "conditioning_interval", self.conditioning_interval, self.conditioning_interval >= 0, ">= 0")
