@@ -7,8 +7,12 @@ importing anything above data/.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import glob
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,28 +53,38 @@ def build_section(cls: type, raw: Any, section: str):
     for key in raw:
         if key not in valid:
             raise ConfigError(f"{section}.{key}: unknown key; valid keys of {section}: {', '.join(valid)}")
+    types = {f.name: getattr(f.type, "__name__", str(f.type)) for f in dataclasses.fields(cls)}
     merged = OmegaConf.structured(cls)
     for key, value in raw.items():
+        if value is None and types[key] == "str":
+            value = ""  # `key=` on the command line or `key:` in YAML: the empty string
         try:
             merged = OmegaConf.merge(merged, {key: value})
         except (ValidationError, ConfigKeyError):
-            ftype = next(f.type for f in dataclasses.fields(cls) if f.name == key)
-            tname = getattr(ftype, "__name__", str(ftype))
-            raise ConfigError(f"{section}.{key}: {value!r} is not a valid {tname}") from None
+            shown = "an empty value" if value is None else repr(value)
+            raise ConfigError(f"{section}.{key}: {shown} is not a valid {types[key]}") from None
     return OmegaConf.to_object(merged)
 
 
-def load_yaml(path: str | Path | None, overrides: list[str] = ()) -> dict:
-    """Read a YAML config and apply dotted `section.key=value` overrides; returns a plain dict."""
-    cfg = OmegaConf.create({})
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file; pass a YAML file such as configs/tiny.yaml")
-        try:
-            cfg = OmegaConf.load(path)
-        except Exception as e:  # yaml.YAMLError and friends: report in one line
-            raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+def read_yaml(path: Path, name: str = "--config") -> DictConfig:
+    """A YAML file whose top level is a mapping; `name` is the option that gave the path."""
+    if path.is_dir():
+        raise ConfigError(f"{name} {path}: is a folder; pass a YAML file such as configs/tiny.yaml")
+    if not path.is_file():
+        raise ConfigError(f"{name} {path}: no such file; pass a YAML file such as configs/tiny.yaml")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError, UnicodeDecodeError and friends: report in one line
+        raise ConfigError(f"{name} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{name} {path}: holds a list; expected a mapping of sections (model:, data:, train:, ...)")
+    return cfg
+
+
+def load_yaml(path: str | Path | None, overrides: list[str] = (), name: str = "--config") -> dict:
+    """Read a YAML config and apply dotted `section.key=value` overrides; returns a plain dict.
+    `name` is the option that gave the path, for error messages."""
+    cfg = OmegaConf.create({}) if path is None else read_yaml(Path(path), name)
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=100")
@@ -144,15 +158,89 @@ class DataConfig:
         return out
 
 
-def run_main(main, argv=None) -> int:
-    """Run a command's main(argv); a user error (ConfigError, or FileNotFoundError naming a
-    path) prints one line to stderr and exits 2, without a traceback."""
-    import sys
+def check_output_path(name: str, path: str | Path, folder: bool = True) -> None:
+    """An output `path` (a folder, or a file when folder=False) must be absent or of that kind,
+    and the nearest existing folder on its way must be writable; checked before any work."""
+    path = Path(path)
+    kind, other = ("folder", "file") if folder else ("file", "folder")
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(f"{name} {path}: is a {other}, expected a {kind}; choose another {name}")
+    start = path if folder else path.parent
+    base = next((p for p in (start, *start.parents) if p.exists()), Path("."))
+    if not base.is_dir():
+        raise ConfigError(f"{name} {path}: cannot be created, {base} is a file; choose another {name}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} {path}: cannot be written, {base} is not writable; choose another {name}")
 
+
+def _usage_error(parser, message: str) -> None:
+    raise ConfigError(f"{message}; see {parser.prog} --help")
+
+
+@contextlib.contextmanager
+def _usage_errors_in_one_line():
+    """argparse's usage errors raise ConfigError instead of printing the usage and exiting."""
+    saved, argparse.ArgumentParser.error = argparse.ArgumentParser.error, _usage_error
     try:
-        return main(argv) or 0
+        yield
+    finally:
+        argparse.ArgumentParser.error = saved
+
+
+PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class _DropOnBrokenPipe:
+    """A text stream that goes quiet instead of raising once its reader has gone away."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (BrokenPipeError, ValueError):
+            self._go_quiet()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ValueError):
+            self._go_quiet()
+
+    def _go_quiet(self) -> None:
+        devnull = open(os.devnull, "w")
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull.fileno(), self._stream.fileno())  # the interpreter's last flush goes there too
+        self._stream = devnull
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def survive_closed_stdout() -> None:
+    """From now on, output to a stdout whose reader has gone away is dropped, not an error."""
+    if not isinstance(sys.stdout, _DropOnBrokenPipe):
+        sys.stdout = _DropOnBrokenPipe(sys.stdout)
+
+
+def run_main(main, argv=None) -> int:
+    """Run a command's main(argv). A user error prints one line `error: ...` to stderr and returns
+    2, without a traceback: a ConfigError, an argparse usage error, or a FileNotFoundError (or
+    another of PATH_ERRORS) that names a path. A reader of stdout that goes away
+    (`... | head`) does not make the command fail: what it prints is dropped from then on."""
+    survive_closed_stdout()
+    try:
+        with _usage_errors_in_one_line():
+            return main(argv) or 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PATH_ERRORS as e:
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

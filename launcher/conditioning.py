@@ -285,7 +285,9 @@ def load_model(path: Path, untrained: bool = False) -> tuple[Transformer, ModelC
     """An HF export folder or a run directory -> (model in eval mode, its config, metadata)."""
     from launcher.config import load_run_config
 
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+    if (path / "config.json").is_file() and not (path / "model.safetensors").is_file():
+        raise ConfigError(f"--model {path}: config.json but no model.safetensors; pass a complete export or a run dir")
+    if (path / "config.json").is_file():
         if untrained:
             raise ConfigError(f"--untrained needs a run directory; {path} is an HF export")
         from safetensors.torch import load_file
@@ -319,11 +321,22 @@ def _text_windows(text_file: Path, tokenizer_file: Path, seq_len: int) -> Tensor
         raise ConfigError(f"--text {text_file}: no such file")
     if not tokenizer_file.is_file():
         raise ConfigError(f"--text needs {tokenizer_file}; the model folder has no tokenizer")
-    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text_file.read_text()).ids
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode(read_text(text_file)).ids
     n = len(ids) // (seq_len + 1)
     if n == 0:
         raise ConfigError(f"--text {text_file}: {len(ids)} tokens, fewer than one window of {seq_len + 1}")
     return torch.tensor(ids[: n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of --text; a binary file (say, gzip) is an error that names it."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"--text {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); pass a plain text file"
+        ) from None
 
 
 def load_windows(args: argparse.Namespace, meta: dict, mcfg: ModelConfig) -> Tensor:
@@ -333,7 +346,7 @@ def load_windows(args: argparse.Namespace, meta: dict, mcfg: ModelConfig) -> Ten
     if args.text is not None:
         windows = _text_windows(args.text, args.model / "tokenizer.json", args.seq_len or min(mcfg.max_seq_len, 256))
     else:
-        cfg = load_run_config(args.data_config) if args.data_config else meta.get("run_config")
+        cfg = load_run_config(args.data_config, name="--data-config") if args.data_config else meta.get("run_config")
         if cfg is None:
             raise ConfigError(f"--model {args.model} is an HF export: pass --data-config FILE or --text FILE")
         from data import prepare_data, validation_windows
@@ -362,10 +375,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def check_args(args: argparse.Namespace) -> None:
+    """Every input and the output path, before the model is loaded."""
+    from data.config import check_output_path, read_yaml
+
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch}: expected a positive int")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ConfigError(f"--seq-len {args.seq_len}: expected a positive int")
+    if not args.model.is_dir():
+        raise ConfigError(f"--model {args.model}: no such folder; pass an HF export folder or a run directory")
+    if args.text is not None and not args.text.is_file():
+        raise ConfigError(f"--text {args.text}: no such file; pass a plain text file")
+    if args.data_config is not None:
+        read_yaml(args.data_config, "--data-config")
+    if args.json is not None:
+        check_output_path("--json", args.json, folder=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
     model, mcfg, meta = load_model(args.model, untrained=args.untrained)
     windows = load_windows(args, meta, mcfg)[: args.batch]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,8 +13,18 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from data.config import ConfigError, DataConfig, build_section, check_choice, check_range, load_yaml
+from data.config import (
+    ConfigError,
+    DataConfig,
+    build_section,
+    check_choice,
+    check_output_path,
+    check_range,
+    load_yaml,
+)
 from model.config import ModelConfig
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -27,8 +37,9 @@ class TrainConfig:
     """Windows per rank per forward pass."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
-    precision: str = "bf16"
-    """fp32 or bf16."""
+    precision: str = "auto"
+    """auto (bf16 where the hardware computes it natively: CUDA GPUs with bf16, CPUs with
+    AVX512-BF16/AMX; fp32 elsewhere), fp32, or bf16 (autocast over fp32 weights)."""
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr: float = 3e-4
@@ -63,7 +74,7 @@ class TrainConfig:
     compile of about a minute on CPU; pays off on long runs."""
 
     def __post_init__(self) -> None:
-        check_choice("train", "precision", self.precision, ("fp32", "bf16"))
+        check_choice("train", "precision", self.precision, PRECISIONS)
         check_choice("train", "batch_order", self.batch_order, ("rank", "global"))
         check_range("train", "dist_timeout", self.dist_timeout, self.dist_timeout >= 10, "an int >= 10 (seconds)")
         for key in ("max_steps", "micro_batch_size", "grad_accum", "keep_last"):
@@ -141,8 +152,29 @@ def run_config_from_dict(raw: dict) -> RunConfig:
     return RunConfig(**sections)
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    return run_config_from_dict(load_yaml(path, overrides))
+def load_run_config(path: str | Path | None, overrides: list[str] = (), name: str = "--config") -> RunConfig:
+    """`name` is the option that gave the path, for error messages."""
+    return run_config_from_dict(load_yaml(path, overrides, name))
+
+
+def check_run_dir(cfg: RunConfig) -> None:
+    """train.output_dir must be a folder that can be written; a run it already holds must have
+    the same model and data sections. Checked before any set-up, so nothing is written."""
+    run_dir = Path(cfg.train.output_dir)
+    check_output_path("train.output_dir", run_dir)
+    saved = run_dir / "config.yaml"
+    if not (saved.is_file() and (run_dir / "checkpoints" / "latest").is_file()):
+        return
+    try:
+        before = load_run_config(saved)
+    except ConfigError as e:
+        raise ConfigError(f"train.output_dir {run_dir}: its config.yaml is not a run config ({e})") from None
+    for section in ("model", "data"):
+        if getattr(before, section) != getattr(cfg, section):
+            raise ConfigError(
+                f"train.output_dir {run_dir}: holds a run with a different {section} section; "
+                "use a new train.output_dir (or the saved config.yaml) to resume"
+            )
 
 
 def save_run_config(cfg: RunConfig, path: str | Path) -> None:

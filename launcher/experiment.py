@@ -13,7 +13,6 @@ each run, and docs/experiments/NAME/ gets README.md (tables), results.json and P
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -21,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from data.config import ConfigError, run_main
+from data.config import ConfigError, check_output_path, run_main
 from kernels import PRECONDITIONERS
+from launcher.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +61,8 @@ def check_args(args: argparse.Namespace):
 
     cfg = load_run_config(args.config, args.overrides)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not args.variants:
+        raise ConfigError(f"--variants: empty; choose one or more of {', '.join(PRECONDITIONERS)}")
     for v in args.variants:
         if v not in PRECONDITIONERS:
             raise ConfigError(f"--variants: {v!r} is unknown; choose from {', '.join(PRECONDITIONERS)}")
@@ -73,20 +75,23 @@ def check_args(args: argparse.Namespace):
     if args.conditioning_interval < 0 or args.probe_batch < 1:
         raise ConfigError("--conditioning-interval must be >= 0 and --probe-batch >= 1")
     args.name = args.name or args.config.stem
+    check_paths(args)
     return cfg
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The experiment's name and output folders, before anything is created."""
+    if args.name in (".", "..") or "/" in args.name or os.sep in args.name:
+        raise ConfigError(f"--name {args.name!r}: expected a plain folder name, e.g. {args.config.stem}")
+    check_output_path("--runs-dir", args.runs_dir)
+    check_output_path("--out-dir", args.out_dir)
 
 
 # ---- training ------------------------------------------------------------------------------
 def read_rows(run_dir: Path) -> list[dict]:
-    """metrics.jsonl rows; a line cut short by a crash is skipped."""
-    path, rows = run_dir / "metrics.jsonl", []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
+    """metrics.jsonl rows (none before the run starts)."""
+    path = run_dir / "metrics.jsonl"
+    return read_metrics(path) if path.is_file() else []
 
 
 def finished(run_dir: Path, max_steps: int) -> bool:

@@ -71,7 +71,7 @@ def test_overrides_are_typed():
             r"choose one of none, qk, qkv, row",
         ),
         ("model.attn_backend=xla", r"choose one of auto, eager, sdpa, flash, triton"),
-        ("train.precision=fp16", r"train.precision: 'fp16' is not a valid choice; choose one of fp32, bf16"),
+        ("train.precision=fp16", r"train.precision: 'fp16' is not a valid choice; choose one of auto, fp32, bf16"),
         ("train.max_steps=ten", r"train.max_steps: 'ten' is not a valid int"),
         ("train.lr=fast", r"train.lr: 'fast' is not a valid float"),
         ("train.max_steps=0", r"train.max_steps: 0 is out of range; expected a positive int"),
