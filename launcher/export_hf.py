@@ -10,13 +10,12 @@ renames it into place. An existing --out is replaced only when it is one of our 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from data.config import ConfigError, run_main
+from data.config import ConfigError, check_output_path, run_main
 from launcher.config import RunConfig, load_run_config
 
 DTYPES = ("fp32", "bf16")
@@ -39,6 +38,7 @@ def check_out_dir(out: Path) -> None:
         raise ConfigError(f"--out {out}: exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not is_export(out):
         raise ConfigError(f"--out {out}: exists and is not an export (no {MARKER}); choose another --out or remove it")
+    check_output_path("--out", out)
 
 
 def load_run(run_dir: Path) -> RunConfig:
@@ -52,17 +52,12 @@ def load_run(run_dir: Path) -> RunConfig:
 
 def last_val_loss(run_dir: Path, step: int | None) -> float | None:
     """The last val_loss in metrics.jsonl at or before `step` (for checkpoints without one)."""
-    path, found = run_dir / "metrics.jsonl", None
-    if not path.is_file():
-        return None
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a crash
-        if row.get("val_loss") is not None and (step is None or row.get("step", 0) <= step):
-            found = float(row["val_loss"])
-    return found
+    from launcher.metrics import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    rows = read_metrics(path) if path.is_file() else []
+    found = [r["val_loss"] for r in rows if r.get("val_loss") is not None and (step is None or r["step"] <= step)]
+    return float(found[-1]) if found else None
 
 
 def write_export(tmp: Path, run_dir: Path, cfg: RunConfig, ckpt, dtype_name: str) -> None:
@@ -73,18 +68,17 @@ def write_export(tmp: Path, run_dir: Path, cfg: RunConfig, ckpt, dtype_name: str
     from launcher.hf import convert, files
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    token_id = files.eot_id(run_dir / "tokenizer.json")
-    ids = dict(bos_token_id=token_id, eos_token_id=token_id, pad_token_id=token_id)
+    tokenizer = files.run_tokenizer(run_dir)
     tensors = convert.hf_state_dict(ckpt.state_dict, cfg.model, dtype)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(tmp / "model.safetensors", 0o644)  # safetensors creates it owner-only; exports are shared
-    convert.hf_config(cfg.model, ids, dtype).save_pretrained(str(tmp))
+    convert.hf_config(cfg.model, tokenizer.ids, dtype).save_pretrained(str(tmp))
     if convert.needs_remote_code(cfg.model.precondition):
         shutil.copyfile(convert.MODELING_FILE, tmp / convert.MODELING_FILE.name)
-    files.write_generation_config(tmp, token_id)
-    files.write_tokenizer(run_dir / "tokenizer.json", tmp, cfg.model.max_seq_len)
+    files.write_generation_config(tmp, tokenizer.ids)
+    files.write_tokenizer(tokenizer, tmp, cfg.model.max_seq_len)
     n_params = sum(t.numel() for t in ckpt.state_dict.values())
-    (tmp / "README.md").write_text(files.model_card(cfg, ckpt, dtype_name, n_params))
+    (tmp / "README.md").write_text(files.model_card(cfg, ckpt, dtype_name, n_params, tokenizer.tokens["eos_token"]))
     files.write_marker(tmp, run_dir, ckpt, cfg.model.precondition, dtype_name)
 
 

@@ -117,6 +117,7 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int], dtype: torch.dtype):
         )
         config.auto_map = {
             "AutoConfig": f"{REMOTE_MODULE}.PrecondLlamaConfig",
+            "AutoModel": f"{REMOTE_MODULE}.PrecondLlamaModel",
             "AutoModelForCausalLM": f"{REMOTE_MODULE}.PrecondLlamaForCausalLM",
         }
     config.architectures = [arch]

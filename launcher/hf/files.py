@@ -1,55 +1,113 @@
 """The files of an export beside config.json and the weights: tokenizer, generation config,
-model card and the marker that says the folder is one of our exports."""
+model card and the marker that says the folder is one of our exports; and the run directory's
+copy of the tokenizer that training used, which the export reads its special tokens from."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from data.config import ConfigError
+from data.tokenizer import PAD_TOKEN, find_eos
 from launcher.config import RunConfig
 from launcher.hf.checkpoint import Checkpoint
 from launcher.hf.convert import ARCHITECTURES, needs_remote_code, qk_scale
 
-EOT = "<|endoftext|>"
 MARKER = "export.json"
 MARKER_FORMAT = "precond-lm-hf-export"
+RUN_TOKENIZER_DIR = "tokenizer"
+"""RUN_DIR/tokenizer/: the prepared tokenizer folder (tokenizer.json, tokenizer_config.json, ...)."""
 
 
-def eot_id(tokenizer_file: Path) -> int:
-    """The id of the end-of-text token in the run's tokenizer.json."""
+def keep_tokenizer(tokenizer_dir: Path, run_dir: Path) -> None:
+    """Copy the prepared tokenizer folder to RUN_DIR/tokenizer/ and its tokenizer.json to
+    RUN_DIR/tokenizer.json, each under a temporary name first, then renamed into place."""
+    tmp = run_dir / f".{RUN_TOKENIZER_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(tokenizer_dir, tmp)
+    old = run_dir / f".{RUN_TOKENIZER_DIR}.old-{os.getpid()}"
+    if (run_dir / RUN_TOKENIZER_DIR).exists():
+        (run_dir / RUN_TOKENIZER_DIR).rename(old)
+    tmp.rename(run_dir / RUN_TOKENIZER_DIR)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.copyfile(tokenizer_dir / "tokenizer.json", run_dir / "tokenizer.json.tmp")
+    (run_dir / "tokenizer.json.tmp").replace(run_dir / "tokenizer.json")
+
+
+@dataclass(frozen=True)
+class RunTokenizer:
+    """The tokenizer a run trained with: its tokenizer.json and its special tokens by role."""
+
+    file: Path
+    tokens: dict[str, str]
+    """{"eos_token": ..., "bos_token": ..., "pad_token": ...}"""
+    ids: dict[str, int]
+    """{"eos_token_id": ..., "bos_token_id": ..., "pad_token_id": ...}"""
+
+
+def _load(tokenizer_file: Path):
     from tokenizers import Tokenizer
 
     try:
-        tok = Tokenizer.from_file(str(tokenizer_file))
+        return Tokenizer.from_file(str(tokenizer_file))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         raise ConfigError(f"{tokenizer_file}: not a tokenizers file ({str(e).splitlines()[0]})") from None
-    token_id = tok.token_to_id(EOT)
-    if token_id is None:
-        raise ConfigError(f"{tokenizer_file}: has no {EOT} token; the exporter uses it as eos/bos/pad")
-    return token_id
 
 
-def write_tokenizer(tokenizer_file: Path, out: Path, max_seq_len: int) -> None:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json (EOT as eos, bos and pad)."""
+def _configured(folder: Path) -> dict[str, str]:
+    """The special tokens a tokenizer_config.json in `folder` names, by role (none if it has none)."""
+    path = folder / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        raise ConfigError(f"{path}: not valid JSON; remove it to fall back to tokenizer.json alone") from None
+    values = {role: config.get(role) for role in ("eos_token", "bos_token", "pad_token")}
+    return {role: v.get("content") if isinstance(v, dict) else v for role, v in values.items() if v}
+
+
+def run_tokenizer(run_dir: Path) -> RunTokenizer:
+    """The special tokens RUN_DIR/tokenizer/tokenizer_config.json names. A run directory with
+    only tokenizer.json gets what data.prepare would have written: the end-of-text token data/
+    finds as eos and bos, and <|pad|> (else eos) as pad."""
+    folder = run_dir / RUN_TOKENIZER_DIR
+    file = folder / "tokenizer.json" if (folder / "tokenizer.json").is_file() else run_dir / "tokenizer.json"
+    tok, configured = _load(file), _configured(file.parent)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    eos = find_eos(tok, configured.get("eos_token"), str(file))
+    tokens = {"eos_token": eos, "bos_token": eos, "pad_token": PAD_TOKEN if PAD_TOKEN in vocab else eos}
+    tokens.update({role: name for role, name in configured.items() if role != "eos_token"})
+    for role, name in tokens.items():
+        if name not in vocab:
+            path = file.parent / "tokenizer_config.json"
+            raise ConfigError(f"{path}: {role} {name!r} is not in {file}; name one of its tokens or remove {role}")
+    return RunTokenizer(file, tokens, {f"{role}_id": vocab[name] for role, name in tokens.items()})
+
+
+def write_tokenizer(tokenizer: RunTokenizer, out: Path, max_seq_len: int) -> None:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json with the run's special tokens."""
     from transformers import PreTrainedTokenizerFast
 
-    special = {"bos_token": EOT, "eos_token": EOT, "pad_token": EOT}
     tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_file), model_max_length=max_seq_len, clean_up_tokenization_spaces=False, **special
+        tokenizer_file=str(tokenizer.file),
+        model_max_length=max_seq_len,
+        clean_up_tokenization_spaces=False,
+        **tokenizer.tokens,
     )
     tok.save_pretrained(str(out))
     config_file = out / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"  # a name transformers 4.x and 5.x both know
     config_file.write_text(json.dumps(config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(tokenizer.tokens, indent=2) + "\n")
 
 
-def write_generation_config(out: Path, token_id: int) -> None:
+def write_generation_config(out: Path, token_ids: dict[str, int]) -> None:
     from transformers import GenerationConfig
 
-    GenerationConfig(bos_token_id=token_id, eos_token_id=token_id, pad_token_id=token_id).save_pretrained(str(out))
+    GenerationConfig(**token_ids).save_pretrained(str(out))
 
 
 def write_marker(out: Path, run_dir: Path, ckpt: Checkpoint, precondition: str, dtype: str) -> None:
@@ -83,7 +141,7 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
-def model_card(cfg: RunConfig, ckpt: Checkpoint, dtype: str, n_params: int) -> str:
+def model_card(cfg: RunConfig, ckpt: Checkpoint, dtype: str, n_params: int, eos_token: str) -> str:
     """README.md: what the model is, how to load it, and the run it came from."""
     m = cfg.model
     remote = needs_remote_code(m.precondition)
@@ -122,6 +180,6 @@ def model_card(cfg: RunConfig, ckpt: Checkpoint, dtype: str, n_params: int) -> s
             f"its QK-norm then computes exactly our rms with eps {m.precondition_eps:g}.",
             "",
         ]
-    lines += ["Documents were separated by `<|endoftext|>` during training.", ""]
+    lines += [f"Documents were separated by `{eos_token}` during training.", ""]
     lines += ["## Training config", "", "```yaml", cfg.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
