@@ -6,17 +6,67 @@
 #   NUM_NODES    nodes (with HOSTFILE)            HOSTFILE   a DeepSpeed hostfile ("host slots=N" lines)
 #   LAUNCHER     multi-node launcher: pdsh (default), openmpi, mvapich, slurm, ...
 #   NODE_RANK, MASTER_ADDR, MASTER_PORT   one launcher per node without ssh (run this on every node)
+# Stopping: Ctrl-C or SIGTERM (to this script or its process group) stops training at the next
+# step boundary; the run saves, this script exports that checkpoint and exits 0. A second
+# Ctrl-C aborts at once (exit 130); `latest` keeps naming the last complete checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# A reader that goes away (`./run_pretrain.sh | head`) must not end the run before it saves:
+# every stage writes through a relay that drains what nobody reads any more, and ignores Ctrl-C.
+exec > >(trap '' INT TERM; cat || cat >/dev/null)
+trap '' PIPE
+say() { echo "$@" 2>/dev/null || true; }
+fail() { echo "error: $*" >&2; exit 2; }
+
+# ---- stops: each stage runs in its own session, so a terminal's Ctrl-C reaches only this
+# script, which turns it into a stop the stage can finish cleanly.
+stage="setup" child="" stops=0 run_dir=""
+on_stop() {
+  stops=$((stops + 1))
+  if [ "$stops" -ge 2 ]; then
+    echo "aborted: second stop request; the last complete checkpoint is kept" >&2
+    [ -n "$child" ] && kill -KILL -- "-$child" 2>/dev/null
+    exit 130
+  fi
+  echo "stop requested during $stage: finishing cleanly (stop again to abort)" >&2
+  case "$stage" in
+    prepare) kill -INT -- "-$child" 2>/dev/null || true ;;
+    train) : > "$run_dir/stop" ;;  # launcher.train saves at the next step boundary
+  esac
+}
+trap on_stop INT TERM
+
+# run_stage NAME CMD...: run CMD in a new session, wait for it through stop requests, and
+# leave its exit code in $rc.
+run_stage() {
+  stage="$1"; shift
+  if command -v setsid >/dev/null; then setsid "$@" & else "$@" & fi
+  child=$!
+  while kill -0 "$child" 2>/dev/null; do
+    wait "$child" || true  # returns early when a stop request arrives
+  done
+  rc=0; wait "$child" || rc=$?  # bash keeps the status of a finished child
+  child=""
+}
+
+stopped() { [ "$stops" -gt 0 ]; }
+
 source tools/bootstrap.sh
 bootstrap_venv requirements.txt
 
 config=configs/tiny.yaml
 if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then config="$1"; shift; fi
-if [ ! -f "$config" ]; then
-  echo "error: config $config: no such file; pass a YAML from configs/ (e.g. configs/tiny.yaml)" >&2
-  exit 2
-fi
+[ -f "$config" ] || fail "config $config: no such file; pass a YAML from configs/ (e.g. configs/tiny.yaml)"
+for var in NUM_GPUS NUM_NODES NODE_RANK MASTER_PORT; do
+  value="${!var:-}"
+  if [ -n "$value" ] && ! [[ "$value" =~ ^[0-9]+$ ]]; then
+    fail "$var=$value: expected a whole number (e.g. $var=2)"
+  fi
+done
+for var in NUM_GPUS NUM_NODES; do
+  [ "${!var:-1}" -ge 1 ] || fail "${var}=${!var}: expected 1 or more"
+done
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   gpus_here="$(python -c 'import torch; print(torch.cuda.device_count())')"
 else
@@ -26,29 +76,40 @@ fi
 export TOKENIZERS_PARALLELISM=false
 
 run_dir="$(python -m launcher.config --config "$config" "$@" --get train.output_dir)" || exit 2
-python -m data.prepare --config "$config" "$@"
+stopped && { say "stopped before training"; exit 0; }
 
-ds_args=(--num_gpus "${NUM_GPUS:-$gpus_here}")
+run_stage prepare python -m data.prepare --config "$config" "$@"
+if stopped; then say "stopped during data preparation; run again to continue"; exit 0; fi
+[ "$rc" -eq 0 ] || exit "$rc"
+
+ds_args=(--num_gpus "${NUM_GPUS:-$gpus_here}" --log_level warning)
 [ -n "${HOSTFILE:-}" ] && ds_args+=(--hostfile "$HOSTFILE")
 [ -n "${NUM_NODES:-}" ] && ds_args+=(--num_nodes "$NUM_NODES")
 [ -n "${LAUNCHER:-}" ] && ds_args+=(--launcher "$LAUNCHER")
 if [ -n "${NODE_RANK:-}" ]; then
   if [ -z "${HOSTFILE:-}" ] || [ -z "${MASTER_ADDR:-}" ]; then
-    echo "error: NODE_RANK=$NODE_RANK needs HOSTFILE and MASTER_ADDR (and MASTER_PORT) to launch without ssh" >&2
-    exit 2
+    fail "NODE_RANK=$NODE_RANK needs HOSTFILE and MASTER_ADDR (and MASTER_PORT) to launch without ssh"
   fi
   ds_args+=(--no_ssh --node_rank "$NODE_RANK")
 fi
 [ -n "${MASTER_ADDR:-}" ] && ds_args+=(--master_addr "$MASTER_ADDR")
 [ -n "${MASTER_PORT:-}" ] && ds_args+=(--master_port "$MASTER_PORT")
 
-echo "[train] deepspeed ${ds_args[*]} --module launcher.train --config $config $*"
-deepspeed "${ds_args[@]}" --module launcher.train --config "$config" "$@"
+say "[train] deepspeed ${ds_args[*]} --module launcher.train --config $config $*"
+mkdir -p "$run_dir" && rm -f "$run_dir/stop"
+run_stage train deepspeed "${ds_args[@]}" --module launcher.train --config "$config" "$@"
+[ "$rc" -eq 0 ] || exit "$rc"
+stopped && say "training stopped at a step boundary and saved"
 
 if [ "${NODE_RANK:-0}" = "0" ]; then
-  python -m launcher.export_hf --run "$run_dir"
-  echo
-  echo "Hugging Face export: $run_dir/hf"
-  echo "TensorBoard:         .venv/bin/tensorboard --logdir $run_dir/tensorboard"
-  echo "Run directory:       $run_dir"
+  if [ ! -f "$run_dir/checkpoints/latest" ]; then
+    say "no checkpoint yet in $run_dir: nothing to export"
+    exit 0
+  fi
+  run_stage export python -m launcher.export_hf --run "$run_dir"
+  [ "$rc" -eq 0 ] || exit "$rc"
+  say
+  say "Hugging Face export: $run_dir/hf"
+  say "TensorBoard:         .venv/bin/tensorboard --logdir $run_dir/tensorboard"
+  say "Run directory:       $run_dir"
 fi

@@ -22,6 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from launcher.precision import resolve_precision  # noqa: E402
+
+
+def precision(cfg) -> str:
+    return resolve_precision(cfg.train.precision, torch.device("cpu"))[0]
+
 
 class RandomWindows:
     """Stands in for the data stream: uniform random token windows (throughput only)."""
@@ -68,7 +74,7 @@ def build_reference(cfg, compiled: bool = False):
         betas=(cfg.train.beta1, cfg.train.beta2),
     )
     stream = RandomWindows(m.vocab_size, cfg.data.seq_len)
-    bf16 = cfg.train.precision == "bf16"
+    bf16 = precision(cfg) == "bf16"
 
     def step() -> float:
         batch = stream.next_batch(cfg.train.micro_batch_size)
@@ -122,7 +128,7 @@ def main() -> None:
     m, t = cfg.model, cfg.train
     print(
         f"model d_model={m.d_model} layers={m.n_layers} heads={m.n_heads}/{m.n_kv_heads} vocab={m.vocab_size}; "
-        f"batch {t.micro_batch_size} x {cfg.data.seq_len}; {t.precision}; threads {torch.get_num_threads()}; "
+        f"batch {t.micro_batch_size} x {cfg.data.seq_len}; {precision(cfg)}; threads {torch.get_num_threads()}; "
         f"median of {args.rounds} rounds x {args.steps} steps"
     )
     print(f"{'variant':<30} {'tokens/s':>10} {'min':>10} {'max':>10} {'vs reference':>13}")

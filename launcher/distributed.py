@@ -30,16 +30,39 @@ def prepare_environment(threads: int = 0) -> None:
 
 
 def init(timeout_s: int) -> torch.device:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA); returns the device."""
-    import deepspeed
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA); returns the device.
 
+    `timeout_s` bounds every collective of every process group: the default group's, and, as
+    torch's default for groups made without one, those DeepSpeed creates later."""
+    import deepspeed
+    from torch.distributed import distributed_c10d
+
+    timeout = timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def timed_out(error: BaseException) -> bool:
+    """True when `error` is a collective that gave up waiting (gloo and NCCL word it differently)."""
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def timeout_message(timeout_s: int) -> str:
+    """One line: which limit was hit and, when it can be known, which rank went silent."""
+    W = world_size()
+    silent = f"rank {1 - rank()}" if W == 2 else "another rank"
+    return (
+        f"a collective waited longer than train.dist_timeout={timeout_s} s: {silent} went silent "
+        "(hung, stopped or dead); the job stops here and resumes from the last checkpoint"
+    )
 
 
 def rank() -> int:

@@ -1,39 +1,46 @@
 """Fault injection for the fault-tolerance tests, from the environment:
 
-PRECOND_FAULT="sigkill@STEP[:RANK]"   that rank (default 0) SIGKILLs itself right after
-                                      finishing optimizer step STEP
-PRECOND_FAULT="nan@STEP[:RANK]"       that rank's loss of step STEP becomes NaN
+PRECOND_FAULT="KIND@STEP[:RANK][,KIND@STEP[:RANK]...]"   on that rank (default 0), at step STEP:
+    sigkill        SIGKILL itself right after finishing the step
+    sigkill-save   SIGKILL itself inside the checkpoint save of that step, after writing its files
+    nan            the loss of the step becomes NaN
+    slow-eval      the evaluation after the step takes SLOW_SECONDS longer
+    slow-save      the checkpoint save of the step takes SLOW_SECONDS longer
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 from data.config import ConfigError
 
-KINDS = ("sigkill", "nan")
+KINDS = ("sigkill", "sigkill-save", "nan", "slow-eval", "slow-save")
+SLOW_SECONDS = 2.0
 
 
-def parse(spec: str) -> tuple[str, int, int] | None:
-    if not spec:
-        return None
-    kind, _, where = spec.partition("@")
-    step, _, rank = where.partition(":")
-    if kind not in KINDS or not step.isdigit() or (rank and not rank.isdigit()):
-        raise ConfigError(f"PRECOND_FAULT={spec!r}: expected KIND@STEP or KIND@STEP:RANK with KIND in {KINDS}")
-    return kind, int(step), int(rank or 0)
+def parse(spec: str) -> list[tuple[str, int, int]]:
+    faults = []
+    for item in filter(None, spec.split(",")):
+        kind, _, where = item.partition("@")
+        step, _, rank = where.partition(":")
+        if kind not in KINDS or not step.isdigit() or (rank and not rank.isdigit()):
+            raise ConfigError(f"PRECOND_FAULT={spec!r}: expected KIND@STEP or KIND@STEP:RANK with KIND in {KINDS}")
+        faults.append((kind, int(step), int(rank or 0)))
+    return faults
 
 
-def _due(kind: str, step: int, rank: int) -> bool:
-    return parse(os.environ.get("PRECOND_FAULT", "")) == (kind, step, rank)
+def due(kind: str, step: int, rank: int) -> bool:
+    """True when PRECOND_FAULT asks for `kind` at `step` on `rank`."""
+    return (kind, step, rank) in parse(os.environ.get("PRECOND_FAULT", ""))
 
 
-def maybe_kill(step: int, rank: int) -> None:
-    if _due("sigkill", step, rank):
+def maybe_kill(kind: str, step: int, rank: int) -> None:
+    if due(kind, step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def poison_loss(step: int, rank: int) -> bool:
-    """True when the loss of `step` on `rank` should be replaced by NaN."""
-    return _due("nan", step, rank)
+def maybe_slow(kind: str, step: int, rank: int) -> None:
+    if due(kind, step, rank):
+        time.sleep(SLOW_SECONDS)

@@ -8,18 +8,35 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data.config import ConfigError
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line cut short by a crash is dropped; a malformed
+    line before it is a ConfigError naming the file and line."""
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                break  # torn by a crash mid-write
+            raise ConfigError(f"{path}:{number}: not a JSON row; remove the line or the file") from None
+    return rows
+
 
 def truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop rows past `after_step` (left by a run that died after its last checkpoint), so a
-    resumed run appends each step once. Atomic: temporary file, then rename."""
+    """Drop rows past `after_step` (left by a run that died after its last checkpoint) and a
+    torn last line, so a resumed run appends each step once. Atomic: temporary file, then rename."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in rows if json.loads(line).get("step", 0) <= after_step]
-    if len(keep) != len(rows):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(path)
+    keep = [row for row in read_metrics(path) if row.get("step", 0) <= after_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
+    tmp.replace(path)
 
 
 class MetricsLogger:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from data.config import ConfigError, run_main
 
@@ -21,9 +22,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from launcher.config import load_run_config
+    from launcher.config import check_run_dir, load_run_config
+    from launcher.stopping import StopRequest
 
     cfg = load_run_config(args.config, args.overrides)  # validate before starting anything heavy
+    check_run_dir(cfg)
+    stop = StopRequest(Path(cfg.train.output_dir))
+    stop.install()  # a stop during the set-up below exits cleanly at the first step boundary
 
     import warnings
 
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed.init(cfg.train.dist_timeout)
     from launcher.trainer import DivergedError, Trainer
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, stop)
     try:
         trainer.setup()
         return trainer.run()
@@ -50,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not distributed.timed_out(e):
+            raise
+        message = distributed.timeout_message(cfg.train.dist_timeout)
+        print(f"error: rank {distributed.rank()}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import math
 import resource
-import shutil
-import signal
+import sys
 import time
 from pathlib import Path
 
@@ -16,14 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from data import TokenStream, prepare_data, validation_windows
-from data.config import ConfigError
 from kernels import resolve_backend
 from launcher import checkpoint, faults
 from launcher import distributed as dist
-from launcher.config import RunConfig, load_run_config, save_run_config
+from launcher.config import RunConfig, save_run_config
 from launcher.ds_config import build_ds_config
+from launcher.hf.files import keep_tokenizer
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer, build_scheduler
+from launcher.precision import resolve_precision, slow_bf16_warning
+from launcher.stopping import StopRequest
 from model import Transformer, count_parameters, flops_per_token
 
 # Dense bf16 peak FLOP/s per device for MFU; CPU: measured on the 2-core development machines.
@@ -60,19 +61,23 @@ class GlobalOrderStream:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, stop: StopRequest):
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.is_main = dist.rank() == 0
+        self.stop = stop
         self.stop_requested = False
         self.grad_norm = None
+        self.step_lr = None
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = self.device or torch.device("cpu")
+        self.precision, self.precision_reason = resolve_precision(cfg.train.precision, self.device)
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        resume_tag = checkpoint.check_resume(self.ckpt_dir, dist.world_size(), cfg.deepspeed.zero_stage)
         self._prepare_run_dir()
         if self.is_main:
             self.prepared = prepare_data(
@@ -84,8 +89,7 @@ class Trainer:
                 cfg.data, model_vocab_size=cfg.model.vocab_size, model_max_seq_len=cfg.model.max_seq_len, progress=False
             )
         if self.is_main:
-            shutil.copyfile(self.prepared.tokenizer_path, self.run_dir / "tokenizer.json.tmp")
-            (self.run_dir / "tokenizer.json.tmp").replace(self.run_dir / "tokenizer.json")
+            keep_tokenizer(self.prepared.tokenizer_dir, self.run_dir)
         if cfg.train.batch_order == "global":
             self.stream = GlobalOrderStream(self.prepared, cfg.train.seed)
         else:
@@ -94,7 +98,7 @@ class Trainer:
             )
         self.val = validation_windows(self.prepared)
         self._build_engine()
-        state = checkpoint.load(self.engine, self.ckpt_dir)
+        state = checkpoint.load(self.engine, self.ckpt_dir, resume_tag) if resume_tag else None
         self.step, self.tokens, self.val_loss = 0, 0, None
         if state is not None:
             self.step, self.tokens, self.val_loss = state["step"], state["tokens"], state.get("val_loss")
@@ -102,19 +106,11 @@ class Trainer:
         self.resumed = state is not None
 
     def _prepare_run_dir(self) -> None:
-        """Create the run dir and save the resolved config; refuse to resume a different model."""
+        """Create the run dir and save the resolved config (launcher.train has checked that a
+        run it holds has the same model and data sections)."""
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            saved = self.run_dir / "config.yaml"
-            if saved.is_file() and checkpoint.latest_tag(self.ckpt_dir):
-                before = load_run_config(saved)
-                for section in ("model", "data"):
-                    if getattr(before, section) != getattr(self.cfg, section):
-                        raise ConfigError(
-                            f"train.output_dir {self.run_dir}: holds a run with a different {section} section; "
-                            "use a new train.output_dir (or the saved config.yaml) to resume"
-                        )
-            save_run_config(self.cfg, saved)
+            save_run_config(self.cfg, self.run_dir / "config.yaml")
         dist.barrier()
 
     def _build_engine(self) -> None:
@@ -136,8 +132,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------
     def autocast(self):
-        bf16 = self.cfg.train.precision == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the loss averaged over ranks."""
@@ -147,13 +142,15 @@ class Trainer:
             batch_BT = self.stream.next_batch(t.micro_batch_size).to(self.device)
             with self.autocast():
                 loss = self.engine(batch_BT[:, :-1], batch_BT[:, 1:]).loss
-            if faults.poison_loss(self.step + 1, dist.rank()):
+            if faults.due("nan", self.step + 1, dist.rank()):
                 loss = loss * float("nan")
             self.engine.backward(loss)
-            if self.cfg.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
-                # DeepSpeed reports no norm for a plain optimizer without ZeRO: clip (and measure) here
-                clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-                self.grad_norm = torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), clip).item()
+            if self.engine.is_gradient_accumulation_boundary():
+                self.step_lr = self.scheduler.get_last_lr()[0]  # engine.step() moves the schedule on
+                if self.cfg.deepspeed.zero_stage == 0:
+                    # DeepSpeed reports no norm for a plain optimizer without ZeRO: clip (and measure) here
+                    clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+                    self.grad_norm = torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), clip).item()
             self.engine.step()
             total += loss.detach().float()
         dist.all_reduce(total)
@@ -184,16 +181,11 @@ class Trainer:
         return (sums[0] / sums[1]).item()
 
     def run(self) -> int:
-        """Train to max_steps (or until SIGTERM/SIGINT), evaluating, logging and checkpointing."""
+        """Train to max_steps (or until a stop is requested), evaluating, logging and checkpointing."""
         cfg, t = self.cfg, self.cfg.train
-        self._install_signal_handlers()
-        tokens_per_step = t.micro_batch_size * t.grad_accum * dist.world_size() * cfg.data.seq_len
-        flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
-        peak = peak_flops(self.device, t.precision) * (
-            dist.world_size() if self.device.type == "cuda" else dist.world_size() / dist.local_world_size()
-        )
-        self._print_summary(tokens_per_step)
-        log = MetricsLogger(
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum * dist.world_size() * cfg.data.seq_len
+        self._print_summary()
+        self.log = MetricsLogger(
             self.run_dir,
             enabled=self.is_main,
             tensorboard=cfg.log.tensorboard,
@@ -201,101 +193,116 @@ class Trainer:
             total=t.max_steps,
             start=self.step,
         )
-        self.log = log
-        last_time, last_tokens, last_saved = time.perf_counter(), self.tokens, self.step
+        self._start_clock()
+        last_saved = self.step
         try:
             while self.step < t.max_steps and not self._stop_agreed():
                 loss = self.train_step()
                 self.step += 1
-                self.tokens += tokens_per_step
+                self.tokens += self.tokens_per_step
                 if not math.isfinite(loss):
                     raise DivergedError(f"loss is {loss} at step {self.step}")
                 if self.step % t.log_interval == 0 or self.step == t.max_steps:
-                    now = time.perf_counter()
-                    tps = (self.tokens - last_tokens) / max(now - last_time, 1e-9)
-                    self._log_train(loss, tps, tps * flops_tok / peak)
-                    last_time, last_tokens = now, self.tokens
-                    log.progress(self.step, loss=loss, tok_s=tps)
+                    self._log_train(loss)
                 if self._due(t.eval_interval):
-                    self._log_eval()
+                    self._off_the_clock("eval", self._evaluate_row)
                 if cfg.log.conditioning_interval and self._due(cfg.log.conditioning_interval):
-                    self._log_conditioning()
+                    self._off_the_clock("cond", self._conditioning_row)
                 if self._due(t.save_interval):
-                    self._save()
+                    self._off_the_clock("save", self._save)
                     last_saved = self.step
-                faults.maybe_kill(self.step, dist.rank())
+                faults.maybe_kill("sigkill", self.step, dist.rank())
             if self.stop_requested:
-                log.write(f"stop requested: saving at step {self.step}")
+                self._announce_stop(last_saved)
             if last_saved != self.step:
                 self._save()
         finally:
-            log.close()
+            self.log.close()
         self._print_end()
         return 0
 
     def _due(self, interval: int) -> bool:
         return self.step == self.cfg.train.max_steps or (interval > 0 and self.step % interval == 0)
 
-    def _log_train(self, loss: float, tokens_per_sec: float, mfu: float) -> None:
-        lr = self.scheduler.get_last_lr()[0]
+    # ---- what is logged -----------------------------------------------------------------
+    def _start_clock(self) -> None:
+        """tokens/s counts training time only: evaluation, the probe and saves are set aside."""
+        self.clock_start, self.clock_tokens, self.paused = time.perf_counter(), self.tokens, 0.0
+
+    def _off_the_clock(self, name: str, work) -> None:
+        """Run `work` (it returns a metrics row and TensorBoard scalars) outside the training
+        clock and log its seconds as NAME_seconds."""
+        start = time.perf_counter()
+        row, scalars = work()
+        seconds = time.perf_counter() - start
+        self.paused += seconds
+        self.log.log(self.step, {**row, f"{name}_seconds": seconds}, {**scalars, f"time/{name}_seconds": seconds})
+
+    def _log_train(self, loss: float) -> None:
+        seconds = time.perf_counter() - self.clock_start - self.paused
+        tps = (self.tokens - self.clock_tokens) / max(seconds, 1e-9)
+        mfu = tps * flops_per_token(self.cfg.model, self.cfg.data.seq_len) / self._peak_flops()
         grad_norm = self.engine.get_global_grad_norm() if self.cfg.deepspeed.zero_stage else self.grad_norm
         grad_norm = float(grad_norm) if grad_norm is not None else None
-        mem_gb = self._memory_gb()
-        row = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens, tokens_per_sec=tokens_per_sec)
+        lr, mem_gb = self.step_lr, self._memory_gb()
+        row = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens, tokens_per_sec=tps)
         row.update(mfu=mfu, mem_gb=mem_gb)
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
-        scalars.update({"train/tokens_per_sec": tokens_per_sec, "train/mfu": mfu, "train/mem_gb": mem_gb})
+        scalars.update({"train/tokens_per_sec": tps, "train/mfu": mfu, "train/mem_gb": mem_gb})
         self.log.log(self.step, row, scalars)
+        self.log.progress(self.step, loss=loss, tok_s=tps)
+        self._start_clock()
 
-    def _log_eval(self) -> None:
+    def _peak_flops(self) -> float:
+        per_device = peak_flops(self.device, self.precision)
+        W = dist.world_size()
+        return per_device * (W if self.device.type == "cuda" else W / dist.local_world_size())
+
+    def _evaluate_row(self) -> tuple[dict, dict]:
         self.val_loss = self.evaluate()
+        faults.maybe_slow("slow-eval", self.step, dist.rank())
         ppl = math.exp(min(self.val_loss, 50.0))
-        self.log.log(
-            self.step,
-            {"val_loss": self.val_loss, "val_ppl": ppl, "tokens": self.tokens},
-            {"val/loss": self.val_loss, "val/ppl": ppl},
-        )
         self.log.write(f"step {self.step}: val_loss {self.val_loss:.4f} (ppl {ppl:.2f})")
+        row = {"val_loss": self.val_loss, "val_ppl": ppl, "tokens": self.tokens}
+        return row, {"val/loss": self.val_loss, "val/ppl": ppl}
 
-    def _log_conditioning(self) -> None:
+    def _conditioning_row(self) -> tuple[dict, dict]:
         """The probe on two fixed validation windows: one no-grad forward on every rank (ZeRO-3
         gathers parameters collectively), the SVDs on rank 0. Touches no training state."""
         from launcher.conditioning import probe_during_training
 
-        start = time.perf_counter()
         tags = probe_during_training(self.engine, self.val[:2, :-1], self.cfg, self.autocast)
-        seconds = time.perf_counter() - start
-        self.log.log(self.step, {**tags, "cond_seconds": seconds}, {**tags, "cond/seconds": seconds})
-        self.log.write(f"step {self.step}: conditioning probe took {seconds:.2f} s")
+        return tags, tags
 
-    def _save(self) -> None:
+    def _save(self) -> tuple[dict, dict]:
         state = {"tokens": self.tokens, "val_loss": self.val_loss, "config": self.cfg.to_dict()}
         tag = checkpoint.save(
             self.engine, self.ckpt_dir, self.step, state, self.stream.state_dict(), self.cfg.train.keep_last
         )
         self.log.write(f"step {self.step}: saved checkpoint {self.ckpt_dir / tag}")
+        return {}, {}
 
     def _memory_gb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**30
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB
 
-    # ---- faults -------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, frame):
-            self.stop_requested = True
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
-
+    # ---- stops --------------------------------------------------------------------------
     def _stop_agreed(self) -> bool:
-        """All ranks stop at the same step if any of them was signalled."""
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        """All ranks stop at the same step if any of them was asked to (signal or stop file)."""
+        flag = torch.tensor([1.0 if self.stop.requested() else 0.0], device=self.device)
         self.stop_requested = dist.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item() > 0
         return self.stop_requested
 
+    def _announce_stop(self, last_saved: int) -> None:
+        self.stop.clear_file()
+        if last_saved == self.step:
+            self.log.write(f"stop requested at step {self.step}: nothing new to save")
+        else:
+            self.log.write(f"stop requested: saving at step {self.step}")
+
     # ---- what a user reads --------------------------------------------------------------
-    def _print_summary(self, tokens_per_step: int) -> None:
+    def _print_summary(self) -> None:
         if not self.is_main:
             return
         c = self.cfg
@@ -307,13 +314,17 @@ class Trainer:
             f"attention       backend {backend} (asked: {c.model.attn_backend}), preconditioner {c.model.precondition}",
             f"data            vocab {self.prepared.vocab_size}, seq_len {c.data.seq_len}, "
             f"{len(self.val)} validation windows",
-            f"batch           {tokens_per_step} tokens/step = {c.train.micro_batch_size} x {c.train.grad_accum} "
+            f"batch           {self.tokens_per_step} tokens/step = {c.train.micro_batch_size} x {c.train.grad_accum} "
             f"x {dist.world_size()} ranks x {c.data.seq_len}",
-            f"parallelism     world size {dist.world_size()}, ZeRO stage {c.deepspeed.zero_stage}, "
-            f"{c.train.precision} on {self.device.type}" + (", torch.compile" if c.train.compile else ""),
+            f"parallelism     world size {dist.world_size()}, ZeRO stage {c.deepspeed.zero_stage} on "
+            f"{self.device.type}" + (", torch.compile" if c.train.compile else ""),
+            f"precision       {self.precision} ({self.precision_reason})",
             f"steps           {self.step} -> {c.train.max_steps}",
         ]
         print("\n".join(lines), flush=True)
+        warning = slow_bf16_warning(c.train.precision, self.device)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
 
     def _print_end(self) -> None:
         if self.is_main:

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +34,7 @@ def corpus(tmp_path_factory):
 def single_run(corpus, tmp_path_factory):
     glob, cache = corpus
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    proc = run_single(tiny_overrides(glob, cache, run_dir))
+    proc = run_single(tiny_overrides(glob, cache, run_dir), PRECOND_FAULT="slow-eval@4,slow-save@4")
     check(proc)
     return run_dir, proc
 
@@ -90,18 +91,42 @@ def test_compiled_model_trains_like_eager_and_saves_the_same_names(single_run, c
     assert not any("_orig_mod" in name for name in weights)
 
 
-def test_learning_rate_follows_warmup_and_cosine(single_run):
+def test_logged_lr_is_the_one_each_step_used(single_run):
+    """Warmup then cosine, written out here: step s (1-based) trains with
+    lr * s / warmup during warmup, then min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2 with
+    p = (s - 1 - warmup) / (max_steps - warmup)."""
+    import math
+
     from launcher.config import load_run_config
-    from launcher.optim import lr_factor
 
     run_dir, _ = single_run
-    cfg = load_run_config(run_dir / "config.yaml")
-    lrs = {r["step"]: r["lr"] for r in metric_rows(run_dir) if "lr" in r}
-    # the row of step s reports the lr the scheduler holds after s steps
-    for step, lr in lrs.items():
-        assert lr == pytest.approx(cfg.train.lr * lr_factor(step, cfg.train), rel=1e-9)
-    assert lr_factor(0, cfg.train) == pytest.approx(0.5)
-    assert lr_factor(cfg.train.max_steps, cfg.train) == pytest.approx(cfg.train.min_lr / cfg.train.lr)
+    t = load_run_config(run_dir / "config.yaml").train
+    logged = {r["step"]: r["lr"] for r in metric_rows(run_dir) if "lr" in r}
+    assert list(logged) == list(range(1, t.max_steps + 1))
+    for s, lr in logged.items():
+        if s <= t.warmup_steps:
+            expected = t.lr * s / t.warmup_steps
+        else:
+            p = (s - 1 - t.warmup_steps) / (t.max_steps - t.warmup_steps)
+            expected = t.min_lr + (t.lr - t.min_lr) * 0.5 * (1 + math.cos(math.pi * p))
+        assert lr == pytest.approx(expected, rel=1e-9), s
+    assert logged[t.warmup_steps] == pytest.approx(t.lr)
+
+
+def test_tokens_per_sec_leaves_out_evaluation_and_saves(single_run):
+    """Evaluation and the save after step 4 each take 2 s longer (fault injection): they are
+    logged as eval_seconds and save_seconds, and step 5's rate does not pay for them."""
+    from launcher.faults import SLOW_SECONDS
+
+    run_dir, _ = single_run
+    rows = metric_rows(run_dir)
+    at4 = {k: v for r in rows if r["step"] == 4 for k, v in r.items()}
+    assert at4["eval_seconds"] >= SLOW_SECONDS and at4["save_seconds"] >= SLOW_SECONDS
+    rates = {r["step"]: r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r}
+    tokens_per_step = rows[0]["tokens"]
+    assert rates[5] > tokens_per_step / SLOW_SECONDS  # the 4 s pause would cap it at tokens/4 s
+    others = sorted(v for k, v in rates.items() if k != 5)
+    assert rates[5] > 0.2 * others[len(others) // 2]
 
 
 def test_zero0_one_rank_matches_zero2_two_ranks(corpus, tmp_path):
@@ -121,25 +146,80 @@ def test_zero0_one_rank_matches_zero2_two_ranks(corpus, tmp_path):
     assert a.keys() == b.keys()
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
-    assert metric_rows(two)[-1]["val_loss"] == pytest.approx(metric_rows(one)[-1]["val_loss"], abs=1e-5)
+    val_one, val_two = ([r["val_loss"] for r in metric_rows(run) if "val_loss" in r] for run in (one, two))
+    assert val_two == pytest.approx(val_one, abs=1e-5)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_resume_exactly_after_sigkill(corpus, tmp_path, stage):
+def resume_settings(stage: int) -> dict:
+    return {"deepspeed.zero_stage": stage, "train.max_steps": 10, "train.save_interval": 4}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    """stage -> the run dir of an uninterrupted 2-rank run (made once per stage)."""
     glob, cache = corpus
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    extra = {"deepspeed.zero_stage": stage, "train.max_steps": 10, "train.save_interval": 4}
-    check(run_deepspeed(tiny_overrides(glob, cache, whole, **extra), 2, free_port()))
-    killed = run_deepspeed(tiny_overrides(glob, cache, broken, **extra), 2, free_port(), PRECOND_FAULT="sigkill@6:1")
+    runs = {}
+
+    def get(stage: int) -> Path:
+        if stage not in runs:
+            run_dir = tmp_path_factory.mktemp(f"whole{stage}") / "run"
+            check(run_deepspeed(tiny_overrides(glob, cache, run_dir, **resume_settings(stage)), 2, free_port()))
+            runs[stage] = run_dir
+        return runs[stage]
+
+    return get
+
+
+def tear_last_line(path: Path) -> None:
+    """What a crash in the middle of a write leaves: the last row cut in half, no newline."""
+    text = path.read_text().rstrip("\n")
+    last = text.rsplit("\n", 1)[-1]
+    path.write_text(text[: len(text) - len(last) // 2])
+
+
+@pytest.mark.parametrize(
+    ("stage", "fault"),
+    [(2, "sigkill@6:1"), (3, "sigkill@6:1"), (2, "sigkill-save@8:0")],
+    ids=["zero2-after-step", "zero3-after-step", "zero2-inside-save"],
+)
+def test_two_ranks_resume_exactly_after_sigkill(corpus, uninterrupted, tmp_path, stage, fault):
+    """SIGKILL after step 6, or inside the save of step 8 (rank 0 wrote its files, the others
+    may not have): `latest` stays on step 4, and the resume, with a torn last metrics row,
+    logs the same per-step losses as a run that was never interrupted."""
+    glob, cache = corpus
+    broken = tmp_path / "broken"
+    overrides = tiny_overrides(glob, cache, broken, **resume_settings(stage))
+    killed = run_deepspeed(overrides, 2, free_port(), PRECOND_FAULT=fault)
     assert killed.returncode != 0
     assert (broken / "checkpoints/latest").read_text() == "global_step4"
     assert max(train_losses(broken)) >= 5  # it ran past the checkpoint before dying
-    resumed = run_deepspeed(tiny_overrides(glob, cache, broken, **extra), 2, free_port())
+    if "save" in fault:
+        assert (broken / "checkpoints/global_step8").is_dir()
+        assert not (broken / "checkpoints/global_step8/checkpoint.json").exists()
+    tear_last_line(broken / "metrics.jsonl")
+    resumed = run_deepspeed(overrides, 2, free_port())
     check(resumed)
     assert "resuming at step 4" in resumed.stdout
-    a, b = train_losses(whole), train_losses(broken)
+    a, b = train_losses(uninterrupted(stage)), train_losses(broken)
     assert list(b) == list(range(1, 11))  # each step logged once, in order
     assert a == b  # bit-identical: same data, same optimizer and scheduler state, same reductions
+
+
+def test_resume_on_another_world_size_is_refused_before_anything_changes(corpus, uninterrupted, tmp_path):
+    """A 2-rank ZeRO-2 checkpoint resumed by 1 rank: one line, exit 2, the run dir untouched."""
+    import shutil
+
+    glob, cache = corpus
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted(2), run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    overrides = tiny_overrides(glob, cache, run_dir, **resume_settings(2), **{"train.lr": 1e-3})
+    proc = run_single(overrides)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "written by 2 ranks, resuming with 1" in proc.stderr and "global_step10" in proc.stderr
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # config.yaml too: nothing loaded or written
 
 
 def test_sigterm_saves_and_exits_zero(corpus, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -91,7 +90,9 @@ def run_deepspeed(overrides, ranks: int, port: int, timeout: int = 300, **env_ex
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from launcher.metrics import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

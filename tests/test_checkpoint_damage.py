@@ -1,0 +1,112 @@
+"""Damaged checkpoints and refused resumes: one line that names the file and what to do,
+exit 2, and nothing in the run directory loaded, rewritten or deleted."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data.config import ConfigError
+from launcher import checkpoint
+from tests.train_helpers import check, run_single, tiny_overrides, write_corpus
+
+pytestmark = pytest.mark.slow
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished single-process run with complete checkpoints at steps 4 and 8."""
+    root = tmp_path_factory.mktemp("damage")
+    glob = write_corpus(root / "corpus")
+    run_dir = root / "run"
+    overrides = tiny_overrides(glob, root / "cache", run_dir)
+    check(run_single(overrides))
+    return run_dir, overrides
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _truncated(ckpts: Path) -> None:
+    truncate(ckpts / "global_step8" / MODEL_FILE)
+
+
+def _missing(ckpts: Path) -> None:
+    (ckpts / "global_step8" / MODEL_FILE).unlink()
+
+
+def _names_a_missing_folder(ckpts: Path) -> None:
+    (ckpts / "latest").write_text("global_step12")
+
+
+def _garbage(ckpts: Path) -> None:
+    (ckpts / "latest").write_bytes(b"\x00\xff\x13garbage")
+
+
+def _truncated_without_manifest(ckpts: Path) -> None:
+    (ckpts / "global_step8" / checkpoint.MANIFEST).unlink()
+    truncate(ckpts / "global_step8" / MODEL_FILE)
+
+
+CASES = [
+    (_truncated, f"global_step8/{MODEL_FILE}: truncated", "global_step4"),
+    (_missing, f"global_step8/{MODEL_FILE}: missing", "global_step4"),
+    (_names_a_missing_folder, "names global_step12, which does not exist", "global_step8"),
+    (_garbage, "is not a checkpoint tag", "global_step8"),
+    (_truncated_without_manifest, f"global_step8/{MODEL_FILE}: truncated or not a torch checkpoint", "global_step4"),
+]
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(("damage", "problem", "fallback"), CASES, ids=[c[0].__name__.strip("_") for c in CASES])
+def test_a_damaged_checkpoint_names_the_file_and_the_tag_to_use(trained, tmp_path, damage, problem, fallback):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    ckpts = run_dir / "checkpoints"
+    damage(ckpts)
+    with pytest.raises(ConfigError) as err:
+        checkpoint.check_resume(ckpts, world_size=1, zero_stage=0)
+    message = str(err.value)
+    assert problem in message and "\n" not in message
+    assert f"write {fallback} (the newest complete checkpoint) into {ckpts / 'latest'}" in message
+
+
+def test_a_run_with_only_damaged_checkpoints_says_to_start_afresh(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    for tag in ("global_step4", "global_step8"):
+        (run_dir / "checkpoints" / tag / MODEL_FILE).unlink()
+    with pytest.raises(ConfigError, match=r"missing; remove .*latest to start afresh"):
+        checkpoint.check_resume(run_dir / "checkpoints", world_size=1, zero_stage=0)
+
+
+@pytest.mark.parametrize(
+    ("damage", "extra", "expected"),
+    [
+        (_truncated, {}, f"{MODEL_FILE}: truncated"),
+        (None, {"deepspeed.zero_stage": 1}, "written under ZeRO stage 0; resume with deepspeed.zero_stage=0"),
+    ],
+    ids=["truncated-shard", "another-zero-stage"],
+)
+def test_launcher_train_refuses_before_touching_the_run(trained, tmp_path, damage, extra, expected):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    if damage:
+        damage(run_dir / "checkpoints")
+    before = snapshot(run_dir)
+    overrides = [o for o in trained[1] if not o.startswith("train.output_dir=")]
+    overrides += [f"train.output_dir={run_dir}", "train.max_steps=12"]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    proc = run_single(overrides)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert expected in proc.stderr
+    assert snapshot(run_dir) == before

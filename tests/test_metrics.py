@@ -1,0 +1,36 @@
+"""metrics.jsonl: the one reader, and what a resume does to a file a crash left behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data.config import ConfigError
+from launcher.metrics import read_metrics, truncate_metrics
+
+
+def write_rows(path, rows, tail: str = "") -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def test_a_torn_last_line_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_rows(path, [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.5}], tail='{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.5}]
+
+
+def test_a_malformed_line_before_the_last_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ConfigError, match=r"metrics.jsonl:2: not a JSON row"):
+        read_metrics(path)
+
+
+def test_resume_truncation_drops_the_torn_line_and_rows_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 6.0 - s} for s in range(1, 7)] + [{"step": 4, "val_loss": 3.0}]
+    write_rows(path, rows, tail='{"step": 7, "loss": 0.')
+    truncate_metrics(path, after_step=4)
+    assert read_metrics(path) == [r for r in rows if r["step"] <= 4]
+    assert path.read_text().endswith("\n") and not (tmp_path / "metrics.jsonl.tmp").exists()

@@ -1,0 +1,150 @@
+"""Stops as users make them: Ctrl-C and SIGTERM through ./run_pretrain.sh (one, then a second),
+a closed stdout, a stop during set-up, and a rank that hangs (SIGSTOP) without dying."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher import checkpoint
+from launcher.distributed import free_port
+from tests.train_helpers import ROOT, env, metric_rows, tiny_overrides, train_losses, write_corpus
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stops")
+    return write_corpus(root / "corpus"), root / "cache"
+
+
+def start_script(corpus, run_dir: Path, **extra) -> subprocess.Popen:
+    """./run_pretrain.sh on the tiny config that would train for hours, as the leader of its
+    own process group (as a terminal's foreground job is)."""
+    glob, cache = corpus
+    settings = {"train.max_steps": 100000, "train.save_interval": 0, "train.eval_interval": 0, **extra}
+    cmd = ["bash", str(ROOT / "run_pretrain.sh"), "configs/tiny.yaml"]
+    cmd += tiny_overrides(glob, cache, run_dir, **settings)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def wait_for_steps(run_dir: Path, proc: subprocess.Popen, steps: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and len(train_losses(run_dir)) >= steps:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {steps} training steps within {timeout} s (exit {proc.poll()})")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return out or "", err
+
+
+def assert_saved_and_exported(run_dir: Path) -> None:
+    last = max(train_losses(run_dir))
+    assert checkpoint.latest_tag(run_dir / "checkpoints") == f"global_step{last}"
+    assert checkpoint.damage(run_dir / "checkpoints" / f"global_step{last}") is None
+    assert (run_dir / "hf" / "model.safetensors").is_file()
+    assert not (run_dir / "stop").exists()
+
+
+def test_sigterm_to_the_script_saves_exports_and_exits_0(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_script(corpus, run_dir)
+    wait_for_steps(run_dir, proc, 3)
+    proc.send_signal(signal.SIGTERM)  # the script alone, not its group
+    out, err = finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert_saved_and_exported(run_dir)
+    assert "stop requested" in err and "Traceback" not in err
+
+
+def test_ctrl_c_with_a_closed_stdout_still_saves_and_exits_0(corpus, tmp_path):
+    """`./run_pretrain.sh | head -n 3`, then Ctrl-C: the reader is gone before the stop."""
+    run_dir = tmp_path / "run"
+    proc = start_script(corpus, run_dir)
+    for _ in range(3):
+        proc.stdout.readline()
+    proc.stdout.close()
+    wait_for_steps(run_dir, proc, 3)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    proc.stdout = None
+    _, err = finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert_saved_and_exported(run_dir)
+    assert "Traceback" not in err
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_last_checkpoint(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_script(corpus, run_dir, **{"train.save_interval": 2})
+    wait_for_steps(run_dir, proc, 5)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    start = time.time()
+    finish(proc, timeout=30)
+    assert proc.returncode == 130 and time.time() - start < 10
+    tag = checkpoint.latest_tag(run_dir / "checkpoints")
+    assert tag and checkpoint.damage(run_dir / "checkpoints" / tag) is None
+    assert checkpoint.check_resume(run_dir / "checkpoints", world_size=1, zero_stage=0) == tag
+
+
+def test_a_stop_during_set_up_exits_cleanly(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_script(corpus, run_dir)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (run_dir / "config.yaml").exists():  # the trainer is setting up
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    rows = metric_rows(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    assert not any("loss" in r for r in rows)  # stopped before the first step
+    assert "nothing to export" in out
+
+
+def start_rank(rank: int, port: int, overrides: list[str]) -> subprocess.Popen:
+    """A rank started directly, with no launcher watching it."""
+    rank_env = env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1")
+    rank_env["MASTER_PORT"] = str(port)
+    cmd = [sys.executable, "-m", "launcher.train", "--config", str(ROOT / "configs/tiny.yaml"), *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_hung_rank_ends_the_job_within_dist_timeout(corpus, tmp_path):
+    """SIGSTOP rank 1 of a 2-rank ZeRO-2 run: rank 0 gives up within dist_timeout + 60 s and
+    names the limit and the silent rank in one line."""
+    glob, cache = corpus
+    run_dir, timeout = tmp_path / "hung", 15
+    settings = {"deepspeed.zero_stage": 2, "train.dist_timeout": timeout, "train.max_steps": 100000}
+    overrides = tiny_overrides(glob, cache, run_dir, **settings, **{"train.save_interval": 0})
+    port = free_port()
+    ranks = [start_rank(r, port, overrides) for r in (0, 1)]
+    try:
+        wait_for_steps(run_dir, ranks[0], 3)
+        ranks[1].send_signal(signal.SIGSTOP)
+        stopped_at = time.time()
+        _, err = ranks[0].communicate(timeout=timeout + 60)
+        assert ranks[0].returncode not in (0, None)
+        assert time.time() - stopped_at < timeout + 60
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: rank 0:"), err[-2000:]
+        assert f"train.dist_timeout={timeout} s" in last and "rank 1 went silent" in last
+        assert "Traceback" not in err
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.communicate()
