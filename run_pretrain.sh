@@ -67,6 +67,10 @@ done
 for var in NUM_GPUS NUM_NODES; do
   [ "${!var:-1}" -ge 1 ] || fail "${var}=${!var}: expected 1 or more"
 done
+if [ -n "${NODE_RANK:-}" ] && { [ -z "${HOSTFILE:-}" ] || [ -z "${MASTER_ADDR:-}" ]; }; then
+  fail "NODE_RANK=$NODE_RANK needs HOSTFILE and MASTER_ADDR (and MASTER_PORT) to launch without ssh"
+fi
+[ -z "${HOSTFILE:-}" ] || [ -f "$HOSTFILE" ] || fail "HOSTFILE=$HOSTFILE: no such file; one 'hostname slots=N' line per node"
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   gpus_here="$(python -c 'import torch; print(torch.cuda.device_count())')"
 else
@@ -86,12 +90,7 @@ ds_args=(--num_gpus "${NUM_GPUS:-$gpus_here}" --log_level warning)
 [ -n "${HOSTFILE:-}" ] && ds_args+=(--hostfile "$HOSTFILE")
 [ -n "${NUM_NODES:-}" ] && ds_args+=(--num_nodes "$NUM_NODES")
 [ -n "${LAUNCHER:-}" ] && ds_args+=(--launcher "$LAUNCHER")
-if [ -n "${NODE_RANK:-}" ]; then
-  if [ -z "${HOSTFILE:-}" ] || [ -z "${MASTER_ADDR:-}" ]; then
-    fail "NODE_RANK=$NODE_RANK needs HOSTFILE and MASTER_ADDR (and MASTER_PORT) to launch without ssh"
-  fi
-  ds_args+=(--no_ssh --node_rank "$NODE_RANK")
-fi
+[ -n "${NODE_RANK:-}" ] && ds_args+=(--no_ssh --node_rank "$NODE_RANK")
 [ -n "${MASTER_ADDR:-}" ] && ds_args+=(--master_addr "$MASTER_ADDR")
 [ -n "${MASTER_PORT:-}" ] && ds_args+=(--master_port "$MASTER_PORT")
 

@@ -163,6 +163,28 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(base, request, module, 
     assert snapshot(base) == before
 
 
+SCRIPT_CASES = [
+    ("num-gpus-not-a-number", {"NUM_GPUS": "two"}, [], "NUM_GPUS=two: expected a whole number"),
+    ("num-nodes-zero", {"NUM_NODES": "0"}, [], "NUM_NODES=0: expected 1 or more"),
+    ("missing-config", {}, ["configs/nope.yaml"], "config configs/nope.yaml: no such file"),
+    ("node-rank-without-hostfile", {"NODE_RANK": "1"}, [], "NODE_RANK=1 needs HOSTFILE and MASTER_ADDR"),
+    ("missing-hostfile", {"HOSTFILE": "/nonexistent/hosts"}, [], "HOSTFILE=/nonexistent/hosts: no such file"),
+]
+
+
+@pytest.mark.parametrize("env, args, expected", [c[1:] for c in SCRIPT_CASES], ids=[c[0] for c in SCRIPT_CASES])
+def test_run_pretrain_refuses_bad_settings_before_any_work(tmp_path, env, args, expected):
+    run_dir = tmp_path / "run"
+    settings = [f"train.output_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
+    script_env = {k: v for k, v in ENV.items() if k not in ("NUM_GPUS", "NUM_NODES", "NODE_RANK", "HOSTFILE")}
+    cmd = ["bash", str(ROOT / "run_pretrain.sh"), *args, *settings]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**script_env, **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert not run_dir.exists() and not (tmp_path / "cache").exists()
+
+
 def test_empty_override_clears_a_string_key():
     cfg = load_run_config(None, ["data.hf_dataset=", "data.tokenizer=", "data.files="])
     assert (cfg.data.hf_dataset, cfg.data.tokenizer, cfg.data.files) == ("", "", [])
