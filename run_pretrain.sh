@@ -26,7 +26,8 @@ on_stop() {
   stops=$((stops + 1))
   if [ "$stops" -ge 2 ]; then
     echo "aborted: second stop request; the last complete checkpoint is kept" >&2
-    [ -n "$child" ] && kill -KILL -- "-$child" 2>/dev/null
+    [ -n "$child" ] && kill -KILL -- "-$child" 2>/dev/null || true
+    [ -n "$run_dir" ] && rm -f "$run_dir/stop" || true
     exit 130
   fi
   echo "stop requested during $stage: finishing cleanly (stop again to abort)" >&2

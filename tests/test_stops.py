@@ -96,6 +96,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_last_checkpoint(corpus, tm
     start = time.time()
     finish(proc, timeout=30)
     assert proc.returncode == 130 and time.time() - start < 10
+    assert not (run_dir / "stop").exists()  # a later launcher.train must not stop at once
     tag = checkpoint.latest_tag(run_dir / "checkpoints")
     assert tag and checkpoint.damage(run_dir / "checkpoints" / tag) is None
     assert checkpoint.check_resume(run_dir / "checkpoints", world_size=1, zero_stage=0) == tag
