@@ -12,7 +12,7 @@ import math
 import statistics
 from pathlib import Path
 
-PROBED = ("O", "O_plain", "Q", "Q_plain", "K", "K_plain", "A", "A_plain")
+from launcher.probe import PROBED
 
 
 # ---- statistics ----------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""The conditioning probe: condition numbers against numpy, the probed matrices against a numpy
-reference, hooks that leave the model alone, and loading runs and HF exports."""
+"""The conditioning probe: condition numbers against matrices of known kappa, the probed
+matrices and their kappas against a float64 numpy reference, hooks that leave the model alone,
+and loading runs and HF exports."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +16,13 @@ import torch
 
 from kernels import PRECONDITIONERS
 from launcher import conditioning as cond
+from launcher import probe
+from launcher.hf import convert
+from launcher.probe import PROBED
 from model import ModelConfig, Transformer
-from tests.reference import attention_reference
+from tests.reference import attention_reference, rms_normalize
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -23,30 +31,51 @@ def tiny_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def test_probe_module_imports_no_transformers():
+    names = "sorted(m for m in sys.modules if m.startswith(('transformers', 'launcher.hf')))"
+    code = f"import sys, launcher.probe; print({names})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
+
+
 # ---- condition numbers --------------------------------------------------------------------
 def test_known_condition_numbers():
-    assert cond.condition_numbers(torch.diag(torch.tensor([1.0, 10.0]))).item() == pytest.approx(10.0, rel=1e-12)
-    assert cond.condition_numbers(torch.eye(5)).item() == pytest.approx(1.0, rel=1e-12)
+    assert probe.condition_numbers(torch.diag(torch.tensor([1.0, 10.0]))).item() == pytest.approx(10.0, rel=1e-12)
+    assert probe.condition_numbers(torch.eye(5)).item() == pytest.approx(1.0, rel=1e-12)
     singular = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64)
-    assert math.isinf(cond.condition_numbers(singular).item())
-    assert math.isinf(cond.condition_numbers(torch.zeros(3, 3)).item())
+    assert math.isinf(probe.condition_numbers(singular).item())
+    assert math.isinf(probe.condition_numbers(torch.zeros(3, 3)).item())
     # just above numpy's rank tolerance: finite (and huge); just below: singular
     tol = 2 * np.finfo(np.float64).eps
-    assert cond.condition_numbers(torch.diag(torch.tensor([1.0, 4 * tol], dtype=torch.float64))).item() == (
+    assert probe.condition_numbers(torch.diag(torch.tensor([1.0, 4 * tol], dtype=torch.float64))).item() == (
         pytest.approx(1 / (4 * tol))
     )
-    assert math.isinf(cond.condition_numbers(torch.diag(torch.tensor([1.0, tol / 2], dtype=torch.float64))).item())
+    assert math.isinf(probe.condition_numbers(torch.diag(torch.tensor([1.0, tol / 2], dtype=torch.float64))).item())
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (12, 5), (5, 12)])
+def test_condition_numbers_of_chosen_singular_values(shape):
+    """U diag(s) V^T with orthonormal U, V has kappa = s_max / s_min exactly; a float64 SVD finds
+    it to about kappa * 1e-16 (a float32 one would miss kappa = 1e7 by percent)."""
+    rng = np.random.default_rng(1)
+    kappas = np.array([1.0, 3.0, 1e3, 1e7])
+    r = min(shape)
+    orthonormal = lambda n: np.linalg.qr(rng.standard_normal((n, r)))[0]
+    mats = [
+        orthonormal(shape[0]) @ np.diag(0.37 * np.geomspace(kap, 1.0, r)) @ orthonormal(shape[1]).T for kap in kappas
+    ]
+    np.testing.assert_allclose(probe.condition_numbers(torch.from_numpy(np.stack(mats))).numpy(), kappas, rtol=1e-8)
 
 
 @pytest.mark.parametrize("shape", [(6, 6), (20, 5), (5, 20)])
 def test_condition_numbers_match_numpy(shape):
     rng = np.random.default_rng(0)
     mats = rng.standard_normal((7, *shape)) * rng.uniform(0.01, 100, size=(7, 1, shape[1]))
-    got = cond.condition_numbers(torch.from_numpy(mats)).numpy()
+    got = probe.condition_numbers(torch.from_numpy(mats)).numpy()
     np.testing.assert_allclose(got, np.linalg.cond(mats), rtol=1e-9)
     rank_deficient = mats[0][:, :1] @ rng.standard_normal((1, shape[1]))  # rank 1
     assert np.linalg.matrix_rank(rank_deficient) < min(shape)
-    assert math.isinf(cond.condition_numbers(torch.from_numpy(rank_deficient)).item())
+    assert math.isinf(probe.condition_numbers(torch.from_numpy(rank_deficient)).item())
 
 
 # ---- the probed matrices ------------------------------------------------------------------
@@ -57,25 +86,41 @@ def _np_softmax_causal(q, k):
     return p / p.sum(-1, keepdims=True)
 
 
+def np_matrices(q, k, v, precondition: str, eps: float) -> dict[str, np.ndarray]:
+    """The probed matrices in float64 numpy, from tests.reference: name -> (B, H or K, rows, cols)."""
+    q, k, v = (t.double().cpu().numpy() for t in (q, k, v))
+    qn, kn = (rms_normalize(q, eps), rms_normalize(k, eps)) if precondition in ("qk", "qkv") else (q, k)
+    g = q.shape[1] // k.shape[1]
+    probs = lambda a, b: np.stack(
+        [[_np_softmax_causal(a[i, h], b[i, h // g]) for h in range(a.shape[1])] for i in range(len(a))]
+    )
+    o, o_plain = attention_reference(q, k, v, precondition, eps=eps), attention_reference(q, k, v, "none")
+    return dict(O=o, O_plain=o_plain, Q=qn, Q_plain=q, K=kn, K_plain=k, A=probs(qn, kn), A_plain=probs(q, k))
+
+
+def np_tags(store: dict, precondition: str, eps: float) -> dict[str, float]:
+    """The in-training probe's tags from captured (q, k, v, o): numpy kappas, median over the
+    batch, then over heads."""
+    tags = {}
+    for i in sorted(store):
+        for name, m in np_matrices(*store[i][:3], precondition, eps).items():
+            tags[f"cond/layer{i}/{name}"] = float(np.median(np.median(np.linalg.cond(m), axis=0)))
+    return tags
+
+
 @pytest.mark.parametrize("precondition", sorted(PRECONDITIONERS))
 def test_attention_matrices_match_numpy_reference(precondition):
-    B, H, K, T, E = 2, 4, 2, 9, 8
-    q, k, v = torch.randn(B, H, T, E), torch.randn(B, K, T, E), torch.randn(B, K, T, E)
-    mats = cond.attention_matrices(q, k, v, precondition, 1e-6)
-    ref_o = attention_reference(q, k, v, precondition)
-    np.testing.assert_allclose(mats["O"].numpy(), ref_o, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(mats["O_plain"].numpy(), attention_reference(q, k, v, "none"), rtol=1e-10, atol=1e-12)
-    qn, kn = q.double().numpy(), k.double().numpy()
-    if precondition in ("qk", "qkv"):
-        qn, kn = (x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) for x in (qn, kn))
-    np.testing.assert_allclose(mats["Q"].numpy(), qn, rtol=1e-12)
-    np.testing.assert_allclose(mats["K"].numpy(), kn, rtol=1e-12)
-    for b, h in [(0, 0), (1, 3)]:
-        np.testing.assert_allclose(mats["A"][b, h].numpy(), _np_softmax_causal(qn[b, h], kn[b, h // 2]), atol=1e-12)
-    kap = cond.head_kappas(q, k, v, precondition, 1e-6)
-    assert kap["O"].shape == (H,) and kap["K"].shape == (K,)
-    per_seq = np.linalg.cond(ref_o[:, 1])  # head 1, each sequence
-    assert kap["O"][1] == pytest.approx(np.median(per_seq), rel=1e-8)
+    B, H, K, T, E = 3, 4, 2, 9, 8  # an odd batch: its median is not its mean
+    eps = 1e-2  # rows of rms ~0.1: eps moves every normalised row by percent
+    q, k, v = 0.1 * torch.randn(B, H, T, E), 0.1 * torch.randn(B, K, T, E), 0.1 * torch.randn(B, K, T, E)
+    mats = probe.attention_matrices(q, k, v, precondition, eps)
+    ref = np_matrices(q, k, v, precondition, eps)
+    for name in PROBED:
+        np.testing.assert_allclose(mats[name].numpy(), ref[name], rtol=1e-10, atol=1e-13, err_msg=name)
+    kap = probe.head_kappas(q, k, v, precondition, eps)
+    assert kap["O"].shape == (H,) and kap["K"].shape == (K,) and kap["A"].shape == (H,)
+    for name in PROBED:
+        np.testing.assert_allclose(kap[name], np.median(np.linalg.cond(ref[name]), axis=0), rtol=1e-8, err_msg=name)
 
 
 # ---- hooks on a model ---------------------------------------------------------------------
@@ -85,28 +130,32 @@ def test_probe_leaves_the_model_unchanged(precondition):
     x = torch.randint(0, 64, (3, 20))
     before = model(x, x).loss
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    store = cond.capture_forward(model, x)
+    store = probe.capture_forward(model, x)
     # the recomputed O is the model's own output, so O and O_plain differ by the preconditioner only
     for q, k, v, o in store.values():
-        torch.testing.assert_close(cond.attention_matrices(q, k, v, precondition, 1e-6)["O"].float(), o)
-    tags = cond.probe_during_training(model, x, tiny_cfg(precondition=precondition))
-    assert set(tags) == {f"cond/layer{i}/{n}" for i in range(2) for n in cond.NAMES}
-    assert all(v >= 1.0 for v in tags.values())
-    assert model.training and all(m.capture is None for m in model.modules() if hasattr(m, "capture"))
+        torch.testing.assert_close(probe.attention_matrices(q, k, v, precondition, 1e-6)["O"].float(), o)
+    tags = probe.probe_during_training(model, x, tiny_cfg(precondition=precondition))
+    assert tags == pytest.approx(np_tags(store, precondition, 1e-6), rel=1e-8)
+    assert set(tags) == {f"cond/layer{i}/{n}" for i in range(2) for n in PROBED}
+    assert model.training and not any(m._forward_hooks for m in model.modules())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(model(x, x).loss, before)
 
 
 def test_probe_under_bf16_autocast():
+    """Captured bf16 q, k, v are measured in float64: the tags are numpy's on the same tensors."""
     model = Transformer(tiny_cfg())
-    x = torch.randint(0, 64, (2, 16))
-    tags = cond.probe_during_training(model, x, tiny_cfg(), lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    assert all(np.isfinite(v) or math.isinf(v) for v in tags.values()) and len(tags) == 16
+    x = torch.randint(0, 64, (3, 16))
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    store = probe.capture_forward(model, x, autocast)
+    assert {t.dtype for t in store[0]} == {torch.bfloat16}
+    tags = probe.probe_during_training(model, x, tiny_cfg(), autocast)
+    assert tags == pytest.approx(np_tags(store, "qkv", 1e-6), rel=1e-8) and len(tags) == 16
 
 
 def test_report_writes_inf_as_a_string(tmp_path):
-    layers = [{n: np.array([2.0, math.inf, math.inf]) for n in cond.NAMES}]
+    layers = [{n: np.array([2.0, math.inf, math.inf]) for n in PROBED}]
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cond.report(layers, {"model": "x"})))
     raw = json.loads(path.read_text())
@@ -153,7 +202,6 @@ def test_bad_model_path_is_a_one_line_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("precondition", ["none", "qk", "qkv"])
 def test_hf_export_round_trip_and_text_windows(tmp_path, precondition):
-    convert = pytest.importorskip("launcher.hf.convert")
     from safetensors.torch import save_file
 
     from data.tokenizer import train_bpe
@@ -185,10 +233,8 @@ def test_hf_export_round_trip_and_text_windows(tmp_path, precondition):
 @pytest.mark.slow
 def test_in_training_probe_does_not_change_training(tmp_path):
     from launcher.experiment import logged_conditioning, read_rows
-    from tests.train_helpers import ROOT, check, run_single, tiny_overrides, train_losses, write_corpus
+    from tests.train_helpers import check, run_single, tiny_overrides, train_losses, write_corpus
 
-    if "probe_during_training" not in (ROOT / "launcher" / "trainer.py").read_text():
-        pytest.skip("launcher/trainer.py does not call probe_during_training yet")
     glob = write_corpus(tmp_path / "corpus")
     losses = {}
     for interval in (0, 2):

@@ -10,6 +10,7 @@ import pytest
 
 from launcher import experiment
 from launcher import experiment_report as rep
+from launcher.probe import PROBED
 from tests.train_helpers import ROOT, tiny_overrides, write_corpus
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -30,7 +31,7 @@ def test_statistics_on_known_curves():
 
 def test_verdict_separates_signal_from_noise():
     args = SimpleNamespace(seeds=[1, 2, 3], variants=["none", "qkv"])
-    layer = {n: 10.0 for n in rep.PROBED}
+    layer = {n: 10.0 for n in PROBED}
 
     def run(final):
         return {"evals": [(10, 6.0), (20, final)], "cond_after": [layer], "cond_before": [layer]}
@@ -60,7 +61,7 @@ def test_experiment_runs_and_reports(tmp_path, capsys):
     assert set(results) == {"none-seed3", "qkv-seed3"}
     run = results["qkv-seed3"]
     assert [t for t, _ in run["evals"]] == [128, 256] and len(run["cond_after"]) == 2
-    assert len(run["cond_before"]) == 2 and set(run["cond_after"][0]) == set(rep.PROBED)
+    assert len(run["cond_before"]) == 2 and set(run["cond_after"][0]) == set(PROBED)
     # same seed, same init: the plain-attention numbers before training agree across variants
     assert results["none-seed3"]["cond_before"][0]["O"] == pytest.approx(run["cond_before"][0]["O_plain"])
     capsys.readouterr()

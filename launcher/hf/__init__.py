@@ -1,7 +1,7 @@
 """Hugging Face export: consolidate a DeepSpeed checkpoint, convert it, write the files.
 
-checkpoint.py  find and consolidate a checkpoint (any ZeRO stage, fp32 or bf16)
-convert.py     our state dict and ModelConfig -> HF weights and config (Llama, Qwen3, ours)
+checkpoint.py  find and consolidate a checkpoint (any ZeRO stage)
+convert.py     our state dict and ModelConfig <-> HF weights and config (Llama, Qwen3, ours)
 files.py       tokenizer, generation config, model card, export marker
 modeling_precond_llama.py  the remote-code model for qkv/row (copied into the export)
 """

@@ -1,12 +1,15 @@
-"""Our Transformer's state dict and ModelConfig -> a Hugging Face config and weights.
+"""Our Transformer's state dict and ModelConfig <-> a Hugging Face config and weights, both ways.
 
 Which architecture each preconditioner exports as:
     none      -> stock LlamaForCausalLM
     qk        -> stock Qwen3ForCausalLM (QK-norm with unit gains)
-    qkv, row  -> PrecondLlamaForCausalLM, the remote-code file in this package
+    others    -> PrecondLlamaForCausalLM, the remote-code file in this package (qkv, row, any
+                 preconditioner declared by rows=; a custom one is refused)
 
 Weight names gain Llama's `model.` prefix; the fused `qkv_proj` (rows: q heads, k heads,
-v heads) and `gate_up_proj` (rows: gate, up) are split; a tied head is left out (HF ties it).
+v heads) and `gate_up_proj` (rows: gate, up) are split; a tied head is left out (HF ties it);
+a qk export scales q_proj/k_proj (qk_scale) and adds unit QK-norm gains. native_state_dict and
+native_config undo each step (tests/test_hf_mapping.py: the round trip is the identity).
 """
 
 from __future__ import annotations
@@ -16,23 +19,33 @@ from pathlib import Path
 
 import torch
 
+from data.config import ConfigError
+from kernels import get_preconditioner
 from model import ModelConfig
 
 Tensor = torch.Tensor
 
 MODELING_FILE = Path(__file__).with_name("modeling_precond_llama.py")
 REMOTE_MODULE = MODELING_FILE.stem
-ARCHITECTURES = {
-    "none": "LlamaForCausalLM",
-    "qk": "Qwen3ForCausalLM",
-    "qkv": "PrecondLlamaForCausalLM",
-    "row": "PrecondLlamaForCausalLM",
-}
+ARCHITECTURES = {"none": "LlamaForCausalLM", "qk": "Qwen3ForCausalLM"}
+"""The preconditioners a stock architecture computes exactly; every other one declared by rows=
+(kernels/precondition.py) exports as REMOTE_ARCHITECTURE, its rows in config.json."""
+REMOTE_ARCHITECTURE = "PrecondLlamaForCausalLM"
+
+
+def architecture(precondition: str) -> str:
+    """The architecture `precondition` exports as; ConfigError naming one the export cannot express."""
+    if get_preconditioner(precondition).rows is None:
+        raise ConfigError(
+            f"model.precondition={precondition!r} cannot be exported: the Hugging Face model implements "
+            "only preconditioners declared by rows= (kernels/precondition.py)"
+        )
+    return ARCHITECTURES.get(precondition, REMOTE_ARCHITECTURE)
 
 
 def needs_remote_code(precondition: str) -> bool:
     """True when the export needs `trust_remote_code=True` (no stock architecture matches)."""
-    return ARCHITECTURES[precondition].startswith("Precond")
+    return architecture(precondition) == REMOTE_ARCHITECTURE
 
 
 def qk_scale(cfg: ModelConfig) -> float:
@@ -41,53 +54,98 @@ def qk_scale(cfg: ModelConfig) -> float:
     return math.sqrt(cfg.norm_eps / cfg.precondition_eps)
 
 
+def _fused(cfg: ModelConfig) -> dict[str, dict[str, int]]:
+    """Our fused weights -> their HF parts, in row order, with the rows of each."""
+    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {
+        "qkv_proj.weight": {"q_proj.weight": q_rows, "k_proj.weight": kv_rows, "v_proj.weight": kv_rows},
+        "gate_up_proj.weight": {"gate_proj.weight": cfg.ffn_hidden, "up_proj.weight": cfg.ffn_hidden},
+    }
+
+
+def _row_scale(hf_name: str, cfg: ModelConfig) -> float:
+    """The export's factor on one HF tensor: qk_scale on q_proj/k_proj of a qk model, else 1."""
+    qk = cfg.precondition == "qk" and hf_name.endswith((".q_proj.weight", ".k_proj.weight"))
+    return qk_scale(cfg) if qk else 1.0
+
+
 def split_fused(name: str, t: Tensor, cfg: ModelConfig) -> dict[str, Tensor]:
     """One native tensor -> its HF tensors (named without the `model.` prefix)."""
-    E = cfg.head_dim
-    if name.endswith("self_attn.qkv_proj.weight"):
-        base = name[: -len("qkv_proj.weight")]
-        q, k, v = t.split([cfg.n_heads * E, cfg.n_kv_heads * E, cfg.n_kv_heads * E], dim=0)
-        return {base + "q_proj.weight": q, base + "k_proj.weight": k, base + "v_proj.weight": v}
-    if name.endswith("mlp.gate_up_proj.weight"):
-        base = name[: -len("gate_up_proj.weight")]
-        gate, up = t.chunk(2, dim=0)
-        return {base + "gate_proj.weight": gate, base + "up_proj.weight": up}
+    for fused, parts in _fused(cfg).items():
+        if name.endswith("." + fused):
+            base = name.removesuffix(fused)
+            return {base + p: x for p, x in zip(parts, t.split(list(parts.values())), strict=True)}
     return {name: t}
 
 
+def merge_fused(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """HF tensors named without `model.` -> the same with q,k,v and gate,up fused as ours."""
+    sd = dict(sd)
+    for fused, parts in _fused(cfg).items():
+        first = next(iter(parts))
+        for base in [k.removesuffix(first) for k in sd if k.endswith("." + first)]:
+            sd[base + fused] = torch.cat([sd.pop(base + p) for p in parts])
+    return sd
+
+
+def tie_head(native: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """A native state dict with a tied head restored as the embedding, as the Transformer loads it."""
+    return {**native, "lm_head.weight": native["embed_tokens.weight"]} if cfg.tie_embeddings else native
+
+
 def hf_state_dict(native: dict[str, Tensor], cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Native (consolidated, lm_head already dropped when tied) -> HF tensors, contiguous copies in dtype."""
+    """Native -> HF tensors, new contiguous tensors in dtype; a tied head is left out (HF ties it)."""
     out: dict[str, Tensor] = {}
     for name, t in native.items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
         for hf_name, part in split_fused(name, t.float(), cfg).items():
-            if cfg.precondition == "qk" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-                part = part * qk_scale(cfg)
             key = hf_name if hf_name == "lm_head.weight" else "model." + hf_name
-            out[key] = part
+            out[key] = part * _row_scale(hf_name, cfg)  # a new tensor: safetensors refuses shared storage
     if cfg.precondition == "qk":
         for i in range(cfg.n_layers):
             for norm in ("q_norm", "k_norm"):
                 out[f"model.layers.{i}.self_attn.{norm}.weight"] = torch.ones(cfg.head_dim)
-    # clone: safetensors refuses tensors that share storage (the q/k/v views of one matrix)
-    return {k: v.to(dtype).contiguous().clone() for k, v in out.items()}
+    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+
+def native_state_dict(hf: dict[str, Tensor], cfg: ModelConfig, where: str = "HF weights") -> dict[str, Tensor]:
+    """HF tensors -> native fp32, the inverse of hf_state_dict: QK-norm gains dropped (they must be
+    ones: the preconditioner has none), the qk scaling undone, q,k,v and gate,up fused, a tied head restored."""
+    sd = {}
+    for key, t in hf.items():
+        name = key.removeprefix("model.")
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            if not torch.all(t == 1):
+                raise ConfigError(f"{where}: {key} is not all ones; only our exports can be read")
+            continue
+        sd[name] = t.float() / _row_scale(name, cfg)
+    return tie_head(merge_fused(sd, cfg), cfg)
+
+
+HF_FIELDS = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "ffn_hidden": "intermediate_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+    "init_std": "initializer_range",
+    "precondition_eps": "precondition_eps",
+}
+"""ModelConfig field -> the key of a Llama-style config.json that holds it (both directions)."""
 
 
 def _llama_fields(cfg: ModelConfig, token_ids: dict[str, int], dtype: torch.dtype) -> dict:
     return dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.ffn_hidden,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
+        {hf: getattr(cfg, ours) for ours, hf in HF_FIELDS.items()},
         head_dim=cfg.head_dim,
         hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
         attention_bias=False,
-        tie_word_embeddings=cfg.tie_embeddings,
-        initializer_range=cfg.init_std,
         dtype=str(dtype).removeprefix("torch."),
         **token_ids,
     )
@@ -99,7 +157,7 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int], dtype: torch.dtype):
     token_ids: bos_token_id, eos_token_id, pad_token_id.
     """
     fields = _llama_fields(cfg, token_ids, dtype)
-    arch = ARCHITECTURES[cfg.precondition]
+    arch = architecture(cfg.precondition)
     if cfg.precondition == "none":
         from transformers import LlamaConfig
 
@@ -112,9 +170,8 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int], dtype: torch.dtype):
     else:
         from launcher.hf.modeling_precond_llama import PrecondLlamaConfig
 
-        config = PrecondLlamaConfig(
-            mlp_bias=False, precondition=cfg.precondition, precondition_eps=cfg.precondition_eps, **fields
-        )
+        rows = get_preconditioner(cfg.precondition).rows
+        config = PrecondLlamaConfig(mlp_bias=False, precondition=cfg.precondition, precondition_rows=rows, **fields)
         config.auto_map = {
             "AutoConfig": f"{REMOTE_MODULE}.PrecondLlamaConfig",
             "AutoModel": f"{REMOTE_MODULE}.PrecondLlamaModel",
@@ -122,3 +179,21 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int], dtype: torch.dtype):
         }
     config.architectures = [arch]
     return config
+
+
+def native_config(hf: dict, where: str = "config.json") -> ModelConfig:
+    """An export's config.json (as a dict) -> ModelConfig, the inverse of hf_config. Without a
+    `precondition_eps` key (older exports) it is rms_norm_eps: a qk export's QK-norm eps."""
+    stock = [p for p, arch in ARCHITECTURES.items() if arch in hf.get("architectures", ())]
+    precondition = hf.get("precondition") or (stock[0] if len(stock) == 1 else None)
+    if precondition is None:
+        raise ConfigError(f"{where}: architectures {hf.get('architectures')} and no 'precondition' key")
+    n_heads = hf["num_attention_heads"]
+    if hf.get("head_dim", hf["hidden_size"] // n_heads) * n_heads != hf["hidden_size"]:
+        raise ConfigError(f"{where}: head_dim * num_attention_heads != hidden_size; not one of our exports")
+    rope = hf.get("rope_parameters") or {}
+    given = {ours: hf[key] for ours, key in HF_FIELDS.items() if key in hf}
+    given.setdefault("n_kv_heads", n_heads)
+    given.setdefault("precondition_eps", hf["rms_norm_eps"])
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 1e4)))
+    return ModelConfig(**given, rope_theta=theta, precondition=precondition)
