@@ -1,9 +1,10 @@
 """Attention backends behind one table, and `attention`, the one function callers use.
 
 Legend: B batch, Hq query heads, Hkv key/value heads, T tokens, D head dim.
-A backend computes softmax(Q K^T / sqrt(D) + causal mask) V. Backends that fuse the
-preconditioner themselves (triton) take its name; for the others `attention` applies the
-preconditioner's prologue and epilogue around the kernel.
+A kernel computes softmax(Q K^T / sqrt(D) + causal mask) V. Every backend is called as
+run(q, k, v, causal, pre, eps) with `pre` a Preconditioner: triton fuses it into its tiles, the
+others apply its prologue and epilogue around the kernel. `attention` resolves the backend once
+per (backend, preconditioner, device, dtype).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.precondition import get_preconditioner
+from kernels.precondition import Preconditioner, get_preconditioner
 
 Tensor = torch.Tensor
 log = logging.getLogger(__name__)
@@ -57,16 +58,12 @@ def flash_attention(q_BHTD: Tensor, k_BHTD: Tensor, v_BHTD: Tensor, causal: bool
 
 @functools.cache
 def _import_error(module: str) -> str | None:
-    """Why `module` cannot be imported (None when it can); cached: `attention` asks every call."""
+    """Why `module` cannot be imported (None when it can); cached."""
     try:
         importlib.import_module(module)
     except (ImportError, OSError, RuntimeError) as e:  # a CUDA/ABI mismatch surfaces as OSError or RuntimeError
         return f"{type(e).__name__}: {e}"
     return None
-
-
-def _old_gpu(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) < (8, 0)
 
 
 def _flash_missing(q: Tensor | None, device: torch.device) -> str | None:
@@ -75,7 +72,7 @@ def _flash_missing(q: Tensor | None, device: torch.device) -> str | None:
     if device.type != "cuda" or (q is not None and q.dtype not in (torch.float16, torch.bfloat16)):
         dtype = q.dtype if q is not None else "tensors"
         return f"flash-attn needs fp16/bf16 tensors on a CUDA GPU, got {dtype} on {device.type}"
-    if _old_gpu(device):
+    if torch.cuda.get_device_capability(device) < (8, 0):
         return "flash-attn needs an Ampere or newer GPU (compute capability 8.0+)"
     return None
 
@@ -91,16 +88,21 @@ def _triton_missing(q: Tensor | None, device: torch.device) -> str | None:
     return unavailable_reason(q, device)
 
 
-def _triton_core(q, k, v, causal, precondition, eps):
+def _triton(q: Tensor, k: Tensor, v: Tensor, causal: bool, pre: Preconditioner, eps: float) -> Tensor:
     from kernels.triton_attention import triton_attention
 
-    return triton_attention(q, k, v, precondition=precondition, causal=causal, eps=eps)
+    return triton_attention(q, k, v, precondition=pre.name, causal=causal, eps=eps)
+
+
+def _around(kernel: Callable) -> Callable:
+    """A plain kernel as a backend: the preconditioner's prologue and epilogue around it."""
+    return lambda q, k, v, causal, pre, eps: pre.after(kernel(*pre.before(q, k, v, eps), causal), eps)
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    run: Callable
+    run: Callable[[Tensor, Tensor, Tensor, bool, Preconditioner, float], Tensor]
     fuses_preconditioner: bool = False
     missing: Callable[[Tensor | None, torch.device], str | None] = lambda q, device: None
     """Returns why this backend cannot run on `device` (None when it can); q may be None."""
@@ -109,14 +111,15 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("eager", eager_attention),
-        Backend("sdpa", sdpa_attention),
-        Backend("flash", flash_attention, missing=_flash_missing),
-        Backend("triton", _triton_core, fuses_preconditioner=True, missing=_triton_missing),
+        Backend("eager", _around(eager_attention)),
+        Backend("sdpa", _around(sdpa_attention)),
+        Backend("flash", _around(flash_attention), missing=_flash_missing),
+        Backend("triton", _triton, fuses_preconditioner=True, missing=_triton_missing),
     )
 }
 
 _auto_logged: set[str] = set()
+_resolved: dict[tuple, str] = {}
 
 
 def resolve_backend(
@@ -142,12 +145,12 @@ def resolve_backend(
 
 
 def _fuses(backend: str, precondition: str | None) -> bool:
-    """False when a fusing backend does not know `precondition` (auto then tries the next one)."""
-    if backend != "triton" or precondition is None:
+    """False when a fusing backend cannot fuse `precondition` (auto then tries the next one)."""
+    if not BACKENDS[backend].fuses_preconditioner or precondition is None:
         return True
-    from kernels.triton_attention import FUSED
+    from kernels.triton_attention import fused_flags
 
-    return precondition in FUSED
+    return fused_flags(get_preconditioner(precondition)) is not None
 
 
 def attention(
@@ -165,8 +168,7 @@ def attention(
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     pre = get_preconditioner(precondition)
-    b = BACKENDS[resolve_backend(backend, q, precondition=precondition)]
-    if b.fuses_preconditioner:
-        return b.run(q, k, v, causal, precondition, eps)
-    q, k, v = pre.before(q, k, v, eps)
-    return pre.after(b.run(q, k, v, causal), eps)
+    key = (backend, pre, q.device, q.dtype)
+    if key not in _resolved:
+        _resolved[key] = resolve_backend(backend, q, precondition=precondition)
+    return BACKENDS[_resolved[key]].run(q, k, v, causal, pre, eps)

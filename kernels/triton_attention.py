@@ -2,8 +2,8 @@
 
 Legend: B batch, Hq query heads, Hkv key/value heads, T tokens, D head dim.
 Forward in kernels/triton_attention_fwd.py, backward in kernels/triton_attention_bwd.py.
-Saved for backward: q, k, v as given, the output, the log-sum-exp (B*Hq, T) and, for `row`,
-the output row scales (B*Hq, T); the q/k/v row scales are recomputed from the tiles.
+Saved for backward: q, k, v as given, the output, the log-sum-exp (B*Hq, T) and, when o's rows are
+scaled, the output row scales (B*Hq, T); the q/k/v row scales are recomputed from the tiles.
 Runs on CUDA GPUs, or on the CPU when TRITON_INTERPRET=1 was set before this import (tests).
 """
 
@@ -16,7 +16,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.precondition import PRECONDITIONERS
+from kernels.precondition import Preconditioner, get_preconditioner
 from kernels.triton_attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, preprocess_kernel
 from kernels.triton_attention_fwd import attn_fwd_kernel, configs
 
@@ -25,13 +25,6 @@ Tensor = torch.Tensor
 INTERPRET = isinstance(attn_fwd_kernel, InterpretedFunction)
 """True when triton was imported with TRITON_INTERPRET=1: kernels run on CPU tensors in numpy."""
 
-# preconditioner name -> (scale q and k rows, scale v rows, scale output rows)
-FUSED = {
-    "none": (False, False, False),
-    "qk": (True, False, False),
-    "qkv": (True, True, False),
-    "row": (False, False, True),
-}
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 AUTOTUNE = os.environ.get("TRITON_ATTN_AUTOTUNE", "1") != "0"
@@ -55,15 +48,22 @@ def unavailable_reason(q: Tensor | None = None, device: torch.device | None = No
     return None
 
 
-def _flags(precondition: str) -> tuple[bool, bool, bool]:
-    if precondition not in FUSED:
-        known = [p for p in PRECONDITIONERS if p in FUSED]
+def fused_flags(pre: Preconditioner) -> tuple[bool, bool, bool] | None:
+    """What the kernel fuses: any preconditioner declared by `rows` in which q and k go together,
+    as (scale q and k rows, scale v rows, scale output rows); None for every other one."""
+    if pre.rows is None or ("q" in pre.rows) != ("k" in pre.rows):
+        return None
+    return "q" in pre.rows, "v" in pre.rows, "o" in pre.rows
+
+
+def _flags(pre: Preconditioner) -> tuple[bool, bool, bool]:
+    flags = fused_flags(pre)
+    if flags is None:
         raise ValueError(
-            f"precondition={precondition!r} is registered but the fused Triton kernel does not implement it "
-            f"(it knows {', '.join(known)}); use backend='sdpa', 'eager' or 'flash', or add it to "
-            "kernels/triton_attention.py"
+            f"precondition={pre.name!r} is registered but the fused Triton kernel does not implement it "
+            "(it fuses rows= preconditioners that scale q and k together); use backend='sdpa', 'eager' or 'flash'"
         )
-    return FUSED[precondition]
+    return flags
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -153,7 +153,7 @@ class _FusedAttention(torch.autograd.Function):
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, precondition: str, causal: bool, eps: float) -> Tensor:
     """Preconditioned FlashAttention. q (B, Hq, T, D), k and v (B, Hkv, T, D) with Hq % Hkv == 0,
     fp32/bf16/fp16, any T, D <= 256. Returns (B, Hq, T, D) in q's dtype; differentiable."""
-    pre_qk, pre_v, row = _flags(precondition)
+    pre_qk, pre_v, row = _flags(get_preconditioner(precondition))
     _check(q, k, v)
     if q.is_cuda and not INTERPRET:
         with torch.cuda.device(q.device):

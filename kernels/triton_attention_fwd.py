@@ -13,9 +13,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, first = the default without autotuning.
 # fwd and dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0 (the causal diagonal).
 # Few on purpose: each is a compile (seconds). All compile for sm_90 (bf16 D=64/128, fp32 D=64).

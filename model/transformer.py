@@ -8,7 +8,6 @@ except for the fused `qkv_proj` and `gate_up_proj`, which the HF export splits.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -52,16 +51,27 @@ def apply_rope(x_BHTE: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
     return (x_BHTE * cos_TE + rotated * sin_TE).to(x_BHTE.dtype)
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+class HeadAttention(nn.Module):
+    """`kernels.attention` as a module: a forward hook (the probe's) sees q (B, H, T, E), k, v
+    (B, K, T, E) after RoPE and before the preconditioner, and the head outputs (B, H, T, E)."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.layer_idx = layer_idx
-        self.capture: Callable | None = None
-        """Set by the conditioning probe: called as capture(layer_idx, q, k, v, o) with q, k after
-        RoPE and before the preconditioner, and o the head outputs (B, H, T, E)."""
+
+    def forward(self, q_BHTE: Tensor, k_BKTE: Tensor, v_BKTE: Tensor) -> Tensor:
+        c = self.cfg
+        return attention(
+            q_BHTE, k_BKTE, v_BKTE, precondition=c.precondition, backend=c.attn_backend, eps=c.precondition_eps
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.attend = HeadAttention(cfg)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x_BTD: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
@@ -70,18 +80,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj(x_BTD).split([self.n_heads * E, self.n_kv * E, self.n_kv * E], dim=-1)
         q_BHTE = apply_rope(q.view(B, T, self.n_heads, E).transpose(1, 2), cos_TE, sin_TE)
         k_BKTE = apply_rope(k.view(B, T, self.n_kv, E).transpose(1, 2), cos_TE, sin_TE)
-        v_BKTE = v.view(B, T, self.n_kv, E).transpose(1, 2)
-        o_BHTE = attention(
-            q_BHTE,
-            k_BKTE,
-            v_BKTE,
-            precondition=self.cfg.precondition,
-            backend=self.cfg.attn_backend,
-            causal=True,
-            eps=self.cfg.precondition_eps,
-        )
-        if self.capture is not None:
-            self.capture(self.layer_idx, q_BHTE, k_BKTE, v_BKTE, o_BHTE)
+        o_BHTE = self.attend(q_BHTE, k_BKTE, v.view(B, T, self.n_kv, E).transpose(1, 2))
         return self.o_proj(o_BHTE.transpose(1, 2).reshape(B, T, self.n_heads * E))
 
 
@@ -99,10 +98,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
@@ -116,7 +115,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -2,18 +2,20 @@
 
 import numpy as np
 
+from kernels import get_preconditioner
+
 
 def rms_normalize(x: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
 
 
 def attention_reference(q, k, v, precondition: str, causal: bool = True, eps: float = 1e-6) -> np.ndarray:
-    """q (B, Hq, T, D), k and v (B, Hkv, T, D), any array-likes; returns float64 (B, Hq, T, D)."""
+    """q (B, Hq, T, D), k and v (B, Hkv, T, D), any array-likes; returns float64 (B, Hq, T, D).
+    `precondition` names a registered preconditioner declared by rows= (the rows it scales)."""
+    rows = get_preconditioner(precondition).rows
+    assert rows is not None, f"precondition={precondition!r} has no rows=: no numpy reference"
     q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
-    if precondition in ("qk", "qkv"):
-        q, k = rms_normalize(q, eps), rms_normalize(k, eps)
-    if precondition == "qkv":
-        v = rms_normalize(v, eps)
+    q, k, v = (rms_normalize(x, eps) if n in rows else x for n, x in zip("qkv", (q, k, v), strict=True))
     B, Hq, T, D = q.shape
     group = Hq // k.shape[1]
     out = np.zeros((B, Hq, T, D))
@@ -25,6 +27,6 @@ def attention_reference(q, k, v, precondition: str, causal: bool = True, eps: fl
             p = np.exp(s - s.max(axis=-1, keepdims=True))
             p /= p.sum(axis=-1, keepdims=True)
             out[b, h] = p @ v[b, h // group]
-    if precondition == "row":
+    if "o" in rows:
         out = rms_normalize(out, eps)
     return out

@@ -14,7 +14,7 @@ from data.config import ConfigError
 from data.tokenizer import PAD_TOKEN, find_eos
 from launcher.config import RunConfig
 from launcher.hf.checkpoint import Checkpoint
-from launcher.hf.convert import ARCHITECTURES, needs_remote_code, qk_scale
+from launcher.hf.convert import architecture, needs_remote_code, qk_scale
 
 MARKER = "export.json"
 MARKER_FORMAT = "precond-lm-hf-export"
@@ -119,7 +119,7 @@ def write_marker(out: Path, run_dir: Path, ckpt: Checkpoint, precondition: str, 
         "tokens": ckpt.tokens,
         "val_loss": ckpt.val_loss,
         "precondition": precondition,
-        "architecture": ARCHITECTURES[precondition],
+        "architecture": architecture(precondition),
         "dtype": dtype,
     }
     (out / MARKER).write_text(json.dumps(info, indent=2) + "\n")
@@ -152,7 +152,7 @@ def model_card(cfg: RunConfig, ckpt: Checkpoint, dtype: str, n_params: int, eos_
         "pipeline_tag: text-generation",
         "tags: [causal-lm, preconditioned-attention]",
         "---",
-        f"# {ARCHITECTURES[m.precondition]} with `{m.precondition}` attention preconditioning",
+        f"# {architecture(m.precondition)} with `{m.precondition}` attention preconditioning",
         "",
         f"A {_params(n_params)}-parameter decoder ({m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, "
         f"{m.n_kv_heads} KV heads) pretrained from scratch, exported from checkpoint `{ckpt.tag}`.",

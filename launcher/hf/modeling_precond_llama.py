@@ -1,13 +1,13 @@
 """Llama with a diagonal attention preconditioner, for `transformers` (remote code).
 
-This file is copied into every `qkv` or `row` export and loaded with
-`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` through the
-config's `auto_map`. It imports only torch and transformers, and it reuses Llama's
-config, layers and attention interface; only the attention forward changes:
+This file is copied into every export that no stock architecture expresses (`qkv`, `row`, ...)
+and loaded with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` through
+the config's `auto_map`. It imports only torch and transformers, and it reuses Llama's config,
+layers and attention interface; only the attention forward changes. config.json's
+`precondition_rows` names the rows that are divided by their rms, e.g. "qkv":
 
-    qk:   q_i <- q_i / rms(q_i),  k_i <- k_i / rms(k_i)           (before attention)
-    qkv:  the same, and v_i <- v_i / rms(v_i)                     (before attention)
-    row:  O = softmax(Q K^T / sqrt(d) + M) V,  o_i <- o_i / rms(o_i)  (after attention)
+    q, k, v:  x_i <- x_i / rms(x_i)                                     (before attention)
+    o:        O = softmax(Q K^T / sqrt(d) + M) V,  o_i <- o_i / rms(o_i)  (after attention)
 
 with rms(x) = sqrt(mean_k x_k^2 + precondition_eps), per head and per token. RoPE is a
 rotation, so normalising before or after it gives the same rows. Because the prologue
@@ -29,20 +29,19 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
-PRECONDITIONS = ("none", "qk", "qkv", "row")
-
 
 class PrecondLlamaConfig(LlamaConfig):
-    """LlamaConfig plus the preconditioner: `precondition` (none, qk, qkv, row) and its eps."""
+    """LlamaConfig plus the preconditioner: its name, the rows it scales (letters of "qkvo") and its eps."""
 
     model_type = "precond_llama"
     precondition: str = "qkv"
+    precondition_rows: str = "qkv"
     precondition_eps: float = 1e-6
 
     def validate_architecture(self):
         super().validate_architecture()
-        if self.precondition not in PRECONDITIONS:
-            raise ValueError(f"precondition={self.precondition!r}; choose one of {', '.join(PRECONDITIONS)}")
+        if not set(self.precondition_rows) <= set("qkvo"):
+            raise ValueError(f"precondition_rows={self.precondition_rows!r}; expected letters of 'qkvo'")
         if not self.precondition_eps > 0:
             raise ValueError(f"precondition_eps={self.precondition_eps!r}; expected a positive float")
 
@@ -64,16 +63,13 @@ class PrecondLlamaAttention(LlamaAttention):
         past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        precondition, eps = self.config.precondition, self.config.precondition_eps
+        rows, eps = self.config.precondition_rows, self.config.precondition_eps
         input_shape = hidden_states.shape[:-1]
         heads_shape = (*input_shape, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(heads_shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)
-        if precondition in ("qk", "qkv"):
-            q, k = rms_normalize(q, eps), rms_normalize(k, eps)
-        if precondition == "qkv":
-            v = rms_normalize(v, eps)
+        q, k, v = (rms_normalize(x, eps) if name in rows else x for name, x in zip("qkv", (q, k, v), strict=True))
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if past_key_values is not None:
@@ -81,7 +77,7 @@ class PrecondLlamaAttention(LlamaAttention):
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         dropout = self.attention_dropout if self.training else 0.0
         out, weights = attention(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
-        if precondition == "row":
+        if "o" in rows:
             out = rms_normalize(out, eps)  # out is (B, T, H, E): one row per token and head
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
