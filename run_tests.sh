@@ -6,4 +6,5 @@ cd "$(dirname "$0")"
 source tools/bootstrap.sh
 bootstrap_venv requirements-dev.txt
 export DS_ACCELERATOR=cpu TRITON_INTERPRET="${TRITON_INTERPRET:-1}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec python -m pytest "$@"
+# Two workers, each taking whole test files (their fixtures are per file); -n 0 runs serially.
+exec python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -8,11 +8,14 @@ importing anything above data/.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import glob
+import inspect
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +174,38 @@ def check_output_path(name: str, path: str | Path, folder: bool = True) -> None:
         raise ConfigError(f"{name} {path}: cannot be created, {base} is a file; choose another {name}")
     if not os.access(base, os.W_OK | os.X_OK):
         raise ConfigError(f"{name} {path}: cannot be written, {base} is not writable; choose another {name}")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (Python keeps none at run time)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: " ".join(doc.value.value.split())
+        for node, doc in zip(body, body[1:], strict=False)
+        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+    }
+
+
+def config_help(sections: dict[str, type]) -> str:
+    """Every key of `sections` with its default and field docstring: the epilog of a CLI's --help."""
+    lines = ["config keys (section.key=value overrides; defaults in brackets):"]
+    for name, cls in sections.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"  {name}.{f.name} [{default!r}]")
+            lines.append(textwrap.fill(docs.get(f.name, ""), 92, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(line for line in lines if line.strip())
+
+
+def help_parser(prog: str, description: str, sections: dict[str, type]) -> argparse.ArgumentParser:
+    """An ArgumentParser whose --help ends with the config keys of `sections`."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=config_help(sections),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def _usage_error(parser, message: str) -> None:

@@ -10,7 +10,6 @@ a temporary name and renamed, and the manifest last, so a reader never sees half
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.config import ConfigError, DataConfig, build_section, load_yaml, run_main
+from data.config import ConfigError, DataConfig, build_section, help_parser, load_yaml, run_main
 from data.corpus import CorpusPass, format_stats, resolve_sources, source_fingerprint
 from data.sources import SourceSpec
 from data.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_bpe
@@ -201,9 +200,10 @@ def _model_limit(raw: dict, key: str) -> int | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.prepare",
-        description="Fetch or check the corpus, train or load the tokenizer, print corpus statistics.",
+    parser = help_parser(
+        "python -m data.prepare",
+        "Fetch or check the corpus, train or load the tokenizer, print corpus statistics.",
+        {"data": DataConfig},
     )
     parser.add_argument("--config", required=True, help="a run YAML (its data and model sections are read)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.vocab_size=2048")

@@ -8,7 +8,7 @@ so every token of the stream lands in exactly one window.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,18 +37,6 @@ class WindowPacker:
         """The next window, shape (window,); call only when ready()."""
         out, self.buf = self.buf[: self.window], self.buf[self.window :]
         return out
-
-
-def pack_windows(docs: Iterable[Sequence[int]], eos_id: int, window: int, limit: int | None = None) -> np.ndarray:
-    """Pack token sequences (EOS appended to each) into at most `limit` windows: (N, window) int64."""
-    packer, out = WindowPacker(window), []
-    for ids in docs:
-        packer.push(list(ids) + [eos_id])
-        while packer.ready() and (limit is None or len(out) < limit):
-            out.append(packer.pop())
-        if limit is not None and len(out) >= limit:
-            break
-    return np.stack(out) if out else np.empty((0, window), dtype=np.int64)
 
 
 def make_tokenize(encode_batch: Callable, column: str, eos_id: int, val_threshold: int) -> Callable:

@@ -20,6 +20,7 @@ from data.config import (
     check_choice,
     check_output_path,
     check_range,
+    help_parser,
     load_yaml,
 )
 from model.config import ModelConfig
@@ -49,7 +50,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     """AdamW weight decay (matrices only)."""
     beta1: float = 0.9
+    """AdamW's decay rate of the running mean of gradients."""
     beta2: float = 0.95
+    """AdamW's decay rate of the running mean of squared gradients."""
     grad_clip: float = 1.0
     """Global gradient-norm clipping (0 = off)."""
     save_interval: int = 100
@@ -135,7 +138,7 @@ class RunConfig:
         return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
 
 
-_SECTION_CLASSES = {
+SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
@@ -146,9 +149,9 @@ _SECTION_CLASSES = {
 
 def run_config_from_dict(raw: dict) -> RunConfig:
     for name in raw:
-        if name not in _SECTION_CLASSES:
-            raise ConfigError(f"{name}: unknown section; valid sections: {', '.join(_SECTION_CLASSES)}")
-    sections = {name: build_section(cls, raw.get(name), name) for name, cls in _SECTION_CLASSES.items()}
+        if name not in SECTIONS:
+            raise ConfigError(f"{name}: unknown section; valid sections: {', '.join(SECTIONS)}")
+    sections = {name: build_section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
     return RunConfig(**sections)
 
 
@@ -188,9 +191,7 @@ def save_run_config(cfg: RunConfig, path: str | Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m launcher.config --config FILE [key=value ...] [--get section.key]`: print the
     resolved config (or one value of it)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m launcher.config", description="Print a resolved run config.")
+    parser = help_parser("python -m launcher.config", "Print a resolved run config.", SECTIONS)
     parser.add_argument("--config", default=None, help="a run config YAML (default: built-in defaults)")
     parser.add_argument("--get", default=None, metavar="SECTION.KEY", help="print only this value")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")

@@ -9,11 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.config import ConfigError, run_main
+from data.config import ConfigError, help_parser, run_main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__.splitlines()[0])
+    from launcher.config import SECTIONS
+
+    parser = help_parser("python -m launcher.train", __doc__.splitlines()[0], SECTIONS)
     parser.add_argument("--config", required=True, help="a run config YAML, e.g. configs/tiny.yaml")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")

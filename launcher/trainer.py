@@ -204,11 +204,11 @@ class Trainer:
                     raise DivergedError(f"loss is {loss} at step {self.step}")
                 if self.step % t.log_interval == 0 or self.step == t.max_steps:
                     self._log_train(loss)
-                if self._due(t.eval_interval):
+                if self._at_interval(t.eval_interval):
                     self._off_the_clock("eval", self._evaluate_row)
-                if cfg.log.conditioning_interval and self._due(cfg.log.conditioning_interval):
+                if cfg.log.conditioning_interval and self._at_interval(cfg.log.conditioning_interval):
                     self._off_the_clock("cond", self._conditioning_row)
-                if self._due(t.save_interval):
+                if self._at_interval(t.save_interval):
                     self._off_the_clock("save", self._save)
                     last_saved = self.step
                 faults.maybe_kill("sigkill", self.step, dist.rank())
@@ -221,7 +221,8 @@ class Trainer:
         self._print_end()
         return 0
 
-    def _due(self, interval: int) -> bool:
+    def _at_interval(self, interval: int) -> bool:
+        """True every `interval` steps and at the last step (interval 0: only at the last)."""
         return self.step == self.cfg.train.max_steps or (interval > 0 and self.step % interval == 0)
 
     # ---- what is logged -----------------------------------------------------------------
@@ -269,7 +270,7 @@ class Trainer:
     def _conditioning_row(self) -> tuple[dict, dict]:
         """The probe on two fixed validation windows: one no-grad forward on every rank (ZeRO-3
         gathers parameters collectively), the SVDs on rank 0. Touches no training state."""
-        from launcher.conditioning import probe_during_training
+        from launcher.probe import probe_during_training
 
         tags = probe_during_training(self.engine, self.val[:2, :-1], self.cfg, self.autocast)
         return tags, tags

@@ -93,10 +93,34 @@ def test_unknown_names_and_missing_backends_are_clear():
         attention(q[:, :3], k, v)
 
 
-def test_rope_does_not_change_rms():
+def rope_float64(x: np.ndarray, theta: float) -> np.ndarray:
+    """Rotate each pair (x_i, x_{i+D/2}) of position t by the angle t * theta^(-2i/D), in float64
+    (the half-split pairing of Hugging Face Llama, which the export relies on)."""
+    T, D = x.shape[-2:]
+    angle = np.arange(T)[:, None] * theta ** (-2.0 * np.arange(D // 2) / D)
+    a, b = x[..., : D // 2], x[..., D // 2 :]
+    return np.concatenate([a * np.cos(angle) - b * np.sin(angle), b * np.cos(angle) + a * np.sin(angle)], -1)
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500.0])
+def test_rope_rotates_pairs_by_position_times_frequency(theta):
     from model.transformer import apply_rope, rope_tables
 
-    cos, sin = rope_tables(16, 32, 10000.0)
     x = torch.randn(2, 3, 32, 16, dtype=torch.float64)
-    y = apply_rope(x, cos.double(), sin.double())
-    torch.testing.assert_close(y.pow(2).mean(-1), x.pow(2).mean(-1))
+    cos, sin = rope_tables(16, 40, theta)
+    y = apply_rope(x, cos[:32].double(), sin[:32].double())
+    # the tables are fp32: angles are exact to ~1e-7, so 1e-5 leaves room and a wrong sign or frequency does not
+    np.testing.assert_allclose(y.numpy(), rope_float64(x.numpy(), theta), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("precondition", PRECONDS)
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_preconditioner_eps_is_inside_the_square_root(precondition, backend):
+    """Rows of size 1e-3 have mean square 1e-6, the size of eps: x / sqrt(mean x^2 + eps) and
+    x / (sqrt(mean x^2) + eps) then differ by ~30%."""
+    from kernels.precondition import rms_normalize
+
+    q, k, v = make_qkv(dtype=torch.float64, scale=1e-3)
+    np.testing.assert_allclose(rms_normalize(q, 1e-6).numpy(), q / np.sqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6))
+    out = attention(q, k, v, precondition=precondition, backend=backend, eps=1e-6)
+    np.testing.assert_allclose(out.numpy(), attention_reference(q, k, v, precondition, eps=1e-6), rtol=1e-10, atol=0)

@@ -1,54 +1,41 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
+import yaml
 
 from data.config import ConfigError
 from launcher.config import RunConfig, load_run_config
+from tests.train_helpers import ROOT
+
+CONTRACT_KEYS = {
+    "model": "vocab_size d_model n_layers n_heads n_kv_heads ffn_hidden max_seq_len rope_theta norm_eps "
+    "tie_embeddings precondition precondition_eps attn_backend",
+    "data": "files format text_field hf_dataset hf_subset hf_split tokenizer vocab_size seq_len cache_dir",
+    "train": "max_steps seed micro_batch_size grad_accum precision lr save_interval eval_interval log_interval "
+    "output_dir",
+    "deepspeed": "zero_stage config",
+}
+CONFIGS = sorted(Path(ROOT, "configs").glob("*.yaml"))
 
 
-def test_tiny_yaml_loads_with_the_contract_keys(project_root):
-    cfg = load_run_config(f"{project_root}/configs/tiny.yaml")
-    assert isinstance(cfg, RunConfig)
-    for key in (
-        "vocab_size",
-        "d_model",
-        "n_layers",
-        "n_heads",
-        "n_kv_heads",
-        "ffn_hidden",
-        "max_seq_len",
-        "rope_theta",
-        "norm_eps",
-        "tie_embeddings",
-        "precondition",
-        "precondition_eps",
-        "attn_backend",
-    ):
-        assert hasattr(cfg.model, key)
-    for key in (
-        "files",
-        "format",
-        "text_field",
-        "hf_dataset",
-        "hf_subset",
-        "hf_split",
-        "tokenizer",
-        "vocab_size",
-        "seq_len",
-    ):
-        assert hasattr(cfg.data, key)
-    for key in (
-        "max_steps",
-        "seed",
-        "micro_batch_size",
-        "grad_accum",
-        "precision",
-        "lr",
-        "save_interval",
-        "eval_interval",
-        "log_interval",
-        "output_dir",
-    ):
-        assert hasattr(cfg.train, key)
-    assert cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.config == ""
+def test_the_contract_keys_exist():
+    cfg = RunConfig()
+    for section, keys in CONTRACT_KEYS.items():
+        names = {f.name for f in dataclasses.fields(getattr(cfg, section))}
+        assert set(keys.split()) <= names, (section, set(keys.split()) - names)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_loads_with_the_values_it_sets(path):
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_run_config(path)
+    assert len(CONFIGS) >= 5 and raw.keys() <= {"model", "data", "train", "deepspeed", "log"}
+    for section, values in raw.items():
+        for key, value in values.items():
+            got = getattr(getattr(cfg, section), key)
+            expected = [value] if key == "files" and isinstance(value, str) else value
+            assert got == expected and type(got) is type(expected), f"{path.name}: {section}.{key}"
 
 
 def test_overrides_are_typed():
@@ -102,3 +89,16 @@ def test_resolved_config_round_trips(tmp_path):
     save_run_config(cfg, tmp_path / "config.yaml")
     again = load_run_config(tmp_path / "config.yaml")
     assert again == cfg
+
+
+def test_help_lists_every_key_with_its_field_docstring():
+    from data.config import config_help, field_docs
+    from launcher.config import SECTIONS
+
+    text = config_help(SECTIONS)
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{section}.{f.name} has no docstring"
+            assert f"  {section}.{f.name} [" in text and docs[f.name].split()[0] in text
+    assert "AdamW's decay rate of the running mean of squared gradients." in text

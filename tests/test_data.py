@@ -16,7 +16,6 @@ from fixtures.data_corpora import data_cfg, epoch_docs, make_docs, split_eos, wr
 from tokenizers import Tokenizer
 
 from data import TokenStream, prepare_data, validation_windows
-from data.stream import pack_windows
 
 
 def encode_docs(prepared, docs: list[str]) -> set[tuple[int, ...]]:
@@ -47,15 +46,6 @@ def jsonl_corpus(tmp_path_factory):
 
 def take(stream, n_batches: int, batch_size: int = 3) -> torch.Tensor:
     return torch.cat([stream.next_batch(batch_size) for _ in range(n_batches)])
-
-
-def test_pack_windows_against_concatenation():
-    docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
-    flat = [t for d in docs for t in d + [0]]  # 15 tokens, EOS = 0 after each document
-    windows = pack_windows(docs, eos_id=0, window=4)
-    assert windows.shape == (3, 4)
-    assert windows.flatten().tolist() == flat[:12]
-    assert pack_windows(docs, eos_id=0, window=4, limit=2).shape == (2, 4)
 
 
 def test_batches_pack_every_training_document_once_in_order(text_corpus):

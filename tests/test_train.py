@@ -113,6 +113,50 @@ def test_logged_lr_is_the_one_each_step_used(single_run):
     assert logged[t.warmup_steps] == pytest.approx(t.lr)
 
 
+def tiny_model(tie: bool = False):
+    from model import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=32,
+                      max_seq_len=16, tie_embeddings=tie, init_std=0.5)  # fmt: skip
+    return Transformer(cfg)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_weight_decay_applies_to_matrices_not_to_norm_gains(tie):
+    import torch
+
+    from launcher.config import TrainConfig
+    from launcher.optim import build_optimizer
+
+    model = tiny_model(tie)
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay = [(id(p), g["weight_decay"]) for g in opt.param_groups for p in g["params"]]
+    assert len(decay) == len(dict(decay)) == len(list(model.parameters()))  # each parameter once
+    expected = {id(p): 0.0 if "norm" in name else 0.1 for name, p in model.named_parameters()}
+    assert dict(decay) == expected and 0.0 in expected.values()
+
+
+def test_evaluate_averages_over_tokens_when_the_last_batch_is_short():
+    """7 windows in micro-batches of 3 (3, 3, 1): the mean over all tokens, not over batches."""
+    import torch
+    import torch.nn.functional as F
+
+    from launcher.config import RunConfig
+    from launcher.trainer import Trainer
+
+    model = tiny_model().eval()
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = RunConfig()
+    trainer.cfg.train.micro_batch_size = 3
+    trainer.device, trainer.precision, trainer.engine = torch.device("cpu"), "fp32", model
+    trainer.val = torch.randint(0, 64, (7, 9), generator=torch.Generator().manual_seed(3))
+    trainer.val[6, 1:] = trainer.val[6, 0]  # a repetitive last window: its loss is far from the others'
+    with torch.no_grad():
+        logits = model.double()(trainer.val[:, :-1]).logits
+    expected = F.cross_entropy(logits.flatten(0, 1), trainer.val[:, 1:].flatten()).item()
+    assert trainer.evaluate() == pytest.approx(expected, rel=1e-6)
+
+
 def test_tokens_per_sec_leaves_out_evaluation_and_saves(single_run):
     """Evaluation and the save after step 4 each take 2 s longer (fault injection): they are
     logged as eval_seconds and save_seconds, and step 5's rate does not pay for them."""

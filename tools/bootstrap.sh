@@ -28,6 +28,9 @@ bootstrap_venv() {
       || { echo "[setup] error: pip install -r $req failed" >&2; return 1; }
     echo "$want" > "$stamp"
   fi
+  # DeepSpeed compiles a CPU op on first use (about a minute); a cache per environment keeps
+  # two checkouts from rebuilding it over each other.
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$venv/torch_extensions}"
   export PATH="$venv/bin:$PATH"
   export VIRTUAL_ENV="$venv"
   export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"

@@ -3,20 +3,18 @@
 Layout (from `engine.save_checkpoint(RUN_DIR/"checkpoints", tag=...)`): `checkpoints/latest`
 names the newest tag; `checkpoints/<tag>/` holds `mp_rank_00_model_states.pt` (ZeRO 0-2,
 with the client state) or `zero_pp_rank_0_mp_rank_00_model_states.pt` (ZeRO-3), plus
-`*_optim_states.pt` files for ZeRO 1-3 and for DeepSpeed's bf16 optimizer.
+`*_optim_states.pt` files for ZeRO 1-3.
 
-- ZeRO 1-3 (and any run with optim-state files): DeepSpeed's own
-  `get_fp32_state_dict_from_zero_checkpoint` merges the fp32 master partitions.
-- ZeRO 0: the `module` entry is the full state dict. With bf16 it is the bf16 copy; the fp32
-  masters sit in `optimizer["fp32_groups"]` in the optimizer's parameter order, without
-  names, and are matched back to names (see `_match_stage0_masters`).
+- ZeRO 1-3: DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` merges the fp32
+  partitions.
+- ZeRO 0: the `module` entry is the full state dict. The trainer runs DeepSpeed in fp32 mode
+  (launcher/ds_config.py), so these are the fp32 weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,44 +64,6 @@ def _quiet():
     return stack
 
 
-def _match_stage0_masters(module: dict[str, Tensor], groups: list[list[Tensor]]) -> dict[str, Tensor] | None:
-    """Name the fp32 masters of a ZeRO-0 bf16 run, or None if they cannot be named exactly.
-
-    Each optimizer group lists its parameters in model order (a group is a filtered
-    `model.parameters()`), and each bf16 weight is its master rounded to bf16, so a master
-    belongs to the next unused name in model order with the same shape and rounded value.
-    """
-    names, seen = [], set()
-    for name, t in module.items():
-        if t.untyped_storage().data_ptr() not in seen:  # a tied head shares the embedding's storage
-            seen.add(t.untyped_storage().data_ptr())
-            names.append(name)
-    masters: dict[str, Tensor] = {}
-    for group in groups:
-        start = 0
-        for hp in group:
-            for i in range(start, len(names)):
-                lp = module[names[i]]
-                if names[i] not in masters and lp.shape == hp.shape and torch.equal(lp, hp.to(lp.dtype)):
-                    masters[names[i]], start = hp.float(), i + 1
-                    break
-            else:
-                return None
-    return masters if len(masters) == len(names) else None
-
-
-def _stage0_state_dict(states: dict) -> dict[str, Tensor]:
-    module = states["module"]
-    if all(t.dtype == torch.float32 for t in module.values()):
-        return dict(module)
-    groups = (states.get("optimizer") or {}).get("fp32_groups")
-    masters = _match_stage0_masters(module, groups) if groups else None
-    if masters is None:
-        print("warning: fp32 master weights not found in the checkpoint; exporting its 16-bit weights", file=sys.stderr)
-        return {k: t.float() for k, t in module.items()}
-    return masters
-
-
 def _check_keys(sd: dict[str, Tensor], cfg: ModelConfig, where: Path) -> None:
     """The consolidated dict must be exactly our Transformer's (shapes included)."""
     with torch.device("meta"):
@@ -120,7 +80,7 @@ def _check_keys(sd: dict[str, Tensor], cfg: ModelConfig, where: Path) -> None:
 
 
 def consolidate(folder: Path, cfg: ModelConfig) -> Checkpoint:
-    """Load checkpoint `folder` (any ZeRO stage, fp32 or bf16) as fp32 tensors on the CPU."""
+    """Load checkpoint `folder` (any ZeRO stage) as fp32 tensors on the CPU."""
     states_file = folder / (STAGE3_STATES if (folder / STAGE3_STATES).is_file() else MODEL_STATES)
     states = torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)
     if any(folder.glob("*_optim_states.pt")):
@@ -129,7 +89,7 @@ def consolidate(folder: Path, cfg: ModelConfig) -> Checkpoint:
 
             sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:
-        sd = _stage0_state_dict(states)
+        sd = dict(states["module"])
     head = sd.pop("lm_head.weight", None)
     if cfg.tie_embeddings and head is not None and not torch.equal(head.float(), sd["embed_tokens.weight"].float()):
         raise ConfigError(f"checkpoint {folder}: lm_head differs from embed_tokens but model.tie_embeddings is true")
