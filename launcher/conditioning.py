@@ -127,8 +127,6 @@ def load_model(path: Path, untrained: bool = False) -> tuple[Transformer, ModelC
 def _text_windows(text_file: Path, tokenizer_file: Path, seq_len: int) -> Tensor:
     from tokenizers import Tokenizer
 
-    if not text_file.is_file():
-        raise ConfigError(f"--text {text_file}: no such file")
     if not tokenizer_file.is_file():
         raise ConfigError(f"--text needs {tokenizer_file}; the model folder has no tokenizer")
     ids = Tokenizer.from_file(str(tokenizer_file)).encode(read_text(text_file)).ids

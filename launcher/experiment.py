@@ -154,23 +154,13 @@ def run_all(args: argparse.Namespace, max_steps: int) -> dict[tuple[str, int], P
 
 
 # ---- collecting what the runs logged -------------------------------------------------------
-def logged_conditioning(run_dir: Path, rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] of the in-training probe: from metrics.jsonl when the trainer put
-    "cond/..." keys there, else from TensorBoard."""
+def logged_conditioning(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] of the in-training probe, from the "cond/..." keys of metrics.jsonl."""
     series: dict[str, list] = {}
     for r in rows:
         for k, v in r.items():
             if k.startswith("cond/") and v is not None:
                 series.setdefault(k, []).append((r["step"], float(v)))
-    if series or not (run_dir / "tensorboard").is_dir():
-        return series
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    for tag in acc.Tags().get("scalars", []):
-        if tag.startswith("cond/"):
-            series[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
     return series
 
 
@@ -189,7 +179,7 @@ def collect(run_dir: Path) -> dict:
         path = run_dir / f"cond_{which}.json"
         layers = read_json(path)["layers"] if path.is_file() else []
         out[f"cond_{which}"] = [layer["median_over_heads"] for layer in layers]
-    out["cond_logged"] = logged_conditioning(run_dir, rows)
+    out["cond_logged"] = logged_conditioning(rows)
     return out
 
 

@@ -241,7 +241,7 @@ def test_in_training_probe_does_not_change_training(tmp_path):
         run = tmp_path / f"run{interval}"
         check(run_single(tiny_overrides(glob, tmp_path / "cache", run, **{"log.conditioning_interval": interval})))
         losses[interval] = train_losses(run)
-        logged = logged_conditioning(run, read_rows(run))
+        logged = logged_conditioning(read_rows(run))
         assert bool(logged) == (interval > 0), sorted(logged)[:4]
     assert losses[0] == losses[2] and len(losses[0]) == 8
     assert {"cond/layer0/O", "cond/layer1/A_plain"} <= set(logged)
