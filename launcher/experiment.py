@@ -2,17 +2,21 @@
 data and token budget, probe the condition numbers before and after, and write a report.
 
     python -m launcher.experiment --config FILE [--name NAME] [--seeds 1,2] [--variants none,qk,qkv,row]
-                                  [--conditioning-interval K] [--target-loss X] [key=value ...]
+                                  [--conditioning-interval K] [--target-loss X]
+                                  [--sweep section.key=v1,v2 ...] [key=value ...]
 
 Runs `python -m launcher.train` once per (variant, seed) into runs/experiments/NAME/V-seedS,
-one after another; a run that already finished is skipped, an unfinished one resumes from its
-checkpoint. Then the probe (launcher.conditioning) measures the step-0 and the final model of
-each run, and docs/experiments/NAME/ gets README.md (tables), results.json and PNG plots.
+or with --sweep once per (point, variant, seed) into runs/experiments/NAME/POINT/V-seedS, where
+the points are the cross product of the swept values (e.g. lr=0.001), one after another; a
+run that already finished is skipped, an unfinished one resumes from its checkpoint. Then the
+probe (launcher.conditioning) measures the step-0 and the final model of each run, and
+docs/experiments/NAME/ gets README.md (tables), results.json and PNG plots (sweep.png for a sweep).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shlex
 import subprocess
@@ -51,6 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=Path("runs/experiments"), help="where the runs go")
     p.add_argument("--out-dir", type=Path, default=Path("docs/experiments"), help="where the report goes")
     p.add_argument("--report-only", action="store_true", help="do not train; report on the runs already there")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=V1,V2",
+        help="sweep a key over values (repeatable; the points are the cross product)",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     return p.parse_args(argv)
 
@@ -76,7 +87,50 @@ def check_args(args: argparse.Namespace):
         raise ConfigError("--conditioning-interval must be >= 0 and --probe-batch >= 1")
     args.name = args.name or args.config.stem
     check_paths(args)
+    args.points = sweep_points(args)
     return cfg
+
+
+RUNNER_KEYS = ("model.precondition", "train.seed", "train.output_dir", "log.conditioning_interval", "log.progress")
+
+
+def parse_sweep(spec: str) -> tuple[str, list[str]]:
+    """Split "section.key=v1,v2" into ("section.key", ["v1", "v2"])."""
+    key, sep, values = spec.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not section or not name or "." in name:
+        raise ConfigError(f"--sweep {spec!r}: expected section.key=v1,v2,..., e.g. train.lr=1e-3,3e-3")
+    if key.strip() in RUNNER_KEYS:
+        raise ConfigError(f"--sweep {spec!r}: {key.strip()} is set by the experiment; use --variants or --seeds")
+    items = [v.strip() for v in values.split(",")]
+    if not values.strip() or any(not v for v in items):
+        raise ConfigError(f"--sweep {spec!r}: empty value list; expected {key.strip()}=v1,v2,...")
+    return key.strip(), items
+
+
+def sweep_points(args: argparse.Namespace) -> list[dict]:
+    """The cross product of the swept values: name, overrides and resolved config of each point."""
+    from launcher.config import load_run_config
+
+    axes = [parse_sweep(spec) for spec in args.sweep]
+    keys = [k for k, _ in axes]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"--sweep: a key is swept twice ({', '.join(keys)}); give each key once")
+    short = [k.split(".")[1] for k in keys]
+    labels = short if len(set(short)) == len(short) else keys
+    points = []
+    for combo in itertools.product(*(values for _, values in axes)) if axes else []:
+        over = [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
+        try:
+            cfg = load_run_config(args.config, [*args.overrides, *over])
+        except ConfigError as e:
+            raise ConfigError(f"--sweep {' '.join(over)}: {e}") from None
+        resolved = [getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in keys]
+        name = ",".join(f"{lab}={str(v).replace('/', '_')}" for lab, v in zip(labels, resolved, strict=True))
+        points.append({"name": name, "overrides": over, "values": dict(zip(keys, resolved, strict=True)), "cfg": cfg})
+    if len({p["name"] for p in points}) != len(points):
+        raise ConfigError(f"--sweep: two points resolve to the same values ({', '.join(p['name'] for p in points)})")
+    return points
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -101,13 +155,13 @@ def finished(run_dir: Path, max_steps: int) -> bool:
     return done and any(r.get("step") == max_steps and "val_loss" in r for r in read_rows(run_dir))
 
 
-def train_command(args: argparse.Namespace, variant: str, seed: int, run_dir: Path) -> list[str]:
+def train_command(args: argparse.Namespace, variant: str, seed: int, run_dir: Path, point: list[str] = ()) -> list[str]:
     ours = [f"model.precondition={variant}", f"train.seed={seed}", f"train.output_dir={run_dir}"]
     ours += [f"log.conditioning_interval={args.conditioning_interval}", "log.progress=false"]
-    return [sys.executable, "-m", "launcher.train", "--config", str(args.config), *args.overrides, *ours]
+    return [sys.executable, "-m", "launcher.train", "--config", str(args.config), *args.overrides, *point, *ours]
 
 
-def train_one(args: argparse.Namespace, variant: str, seed: int, run_dir: Path) -> float:
+def train_one(args: argparse.Namespace, variant: str, seed: int, run_dir: Path, point: list[str] = ()) -> float:
     """Train (or resume) one run as a subprocess, its output in RUN_DIR/train.log; returns seconds."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "cond_after.json").unlink(missing_ok=True)  # stale once training continues
@@ -115,7 +169,7 @@ def train_one(args: argparse.Namespace, variant: str, seed: int, run_dir: Path) 
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     start = time.perf_counter()
     with open(run_dir / "train.log", "a") as log:
-        cmd = train_command(args, variant, seed, run_dir)
+        cmd = train_command(args, variant, seed, run_dir, point)
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:]
@@ -140,16 +194,41 @@ def run_all(args: argparse.Namespace, max_steps: int) -> dict[tuple[str, int], P
         for variant in args.variants:
             run_dir = args.runs_dir / args.name / f"{variant}-seed{seed}"
             runs[variant, seed] = run_dir
-            if args.report_only:
-                continue
-            if finished(run_dir, max_steps):
-                print(f"skip {run_dir}: already finished", flush=True)
-            else:
-                print(f"train {variant} seed {seed} -> {run_dir}", flush=True)
-                secs = train_one(args, variant, seed, run_dir)
-                val = [r["val_loss"] for r in read_rows(run_dir) if "val_loss" in r]
-                print(f"  done in {secs:.0f} s, final val_loss {val[-1]:.4f}", flush=True)
-            probe_run(run_dir, args.probe_batch)
+            if not args.report_only:
+                run_one(args, variant, seed, run_dir, max_steps)
+    return runs
+
+
+def run_one(args: argparse.Namespace, variant: str, seed: int, run_dir: Path, max_steps: int, point=()) -> None:
+    """Train (unless finished) one run; probe it unless it is a sweep point (the sweep reports losses)."""
+    if finished(run_dir, max_steps):
+        print(f"skip {run_dir}: already finished", flush=True)
+    else:
+        print(f"train {variant} seed {seed} {' '.join(point)} -> {run_dir}", flush=True)
+        secs = train_one(args, variant, seed, run_dir, point)
+        val = [r["val_loss"] for r in read_rows(run_dir) if "val_loss" in r]
+        print(f"  done in {secs:.0f} s, final val_loss {val[-1]:.4f}", flush=True)
+    if not point:
+        probe_run(run_dir, args.probe_batch)
+
+
+def run_sweep(args: argparse.Namespace) -> dict[tuple[str, str, int], tuple[Path, bool]]:
+    """Every (point, variant, seed) trained and probed; returns (run dir, training failed).
+    Within a point every variant of a seed has the same init and batches: the seed and the data
+    settings come from the config, the point and the seed, never from the variant."""
+    runs = {}
+    for point in args.points:
+        for seed in args.seeds:
+            for variant in args.variants:
+                run_dir = args.runs_dir / args.name / point["name"] / f"{variant}-seed{seed}"
+                runs[point["name"], variant, seed] = (run_dir, False)
+                if args.report_only:
+                    continue
+                try:
+                    run_one(args, variant, seed, run_dir, point["cfg"].train.max_steps, point["overrides"])
+                except RuntimeError as e:  # a diverged run (NaN loss) is a result of the sweep
+                    print(f"  {e}; counted as diverged", flush=True)
+                    runs[point["name"], variant, seed] = (run_dir, True)
     return runs
 
 
@@ -183,17 +262,27 @@ def collect(run_dir: Path) -> dict:
     return out
 
 
+def collect_sweep(run_dir: Path, failed: bool) -> dict:
+    """collect() of a sweep run; one that failed before its first row is an empty, failed run."""
+    if not (run_dir / "metrics.jsonl").is_file() and failed:
+        return {"run_dir": str(run_dir), "evals": [], "tokens_per_sec": None, "failed": True}
+    return collect(run_dir) | {"failed": failed}
+
+
 def main(argv: list[str] | None = None) -> int:
     from launcher.experiment_report import write_report
 
     args = parse_args(argv)
     cfg = check_args(args)
     try:
-        runs = run_all(args, cfg.train.max_steps)
+        runs = run_sweep(args) if args.points else run_all(args, cfg.train.max_steps)
     except RuntimeError as e:  # a run failed: its log says why
         print(f"error: {e}", file=sys.stderr)
         return 1
-    results = {key: collect(run_dir) for key, run_dir in runs.items()}
+    if args.points:
+        results = {key: collect_sweep(*run) for key, run in runs.items()}
+    else:
+        results = {key: collect(run_dir) for key, run_dir in runs.items()}
     command = "python -m launcher.experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     out = write_report(args.out_dir / args.name, cfg, args, results, command)
     print(f"report: {out / 'README.md'}")

@@ -3,6 +3,7 @@
 results: (variant, seed) -> {"evals": [(tokens, val_loss)], "tokens_per_sec", "cond_before",
 "cond_after" (per layer: name -> kappa, median over heads), "cond_logged" (tag -> [(step, value)])}.
 Spreads are over seeds: mean ± sample standard deviation (min-max, n).
+With --sweep the keys are (point, variant, seed) and the report is the sweep's (write_sweep_report).
 """
 
 from __future__ import annotations
@@ -297,6 +298,8 @@ def jsonable(x):
 
 def write_report(out: Path, cfg, args, results: dict, command: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "points", None):
+        return write_sweep_report(out, cfg, args, results, command)
     target = args.target_loss if args.target_loss is not None else default_target(args, results)
     plot_loss(args, results, out / "val_loss.png")
     plot_conditioning(args, results, out / "conditioning.png")
@@ -313,5 +316,141 @@ def write_report(out: Path, cfg, args, results: dict, command: str) -> Path:
     lines += ["", "![condition numbers](conditioning.png)", "", "## What this shows", "", *verdict(args, results)]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     raw = {f"{v}-seed{s}": r for (v, s), r in results.items()}
+    (out / "results.json").write_text(json.dumps(jsonable(raw), indent=1) + "\n")
+    return out
+
+
+# ---- sweeps ---------------------------------------------------------------------------------
+SENSITIVITY_NATS = 0.1
+
+
+def final_loss(run: dict) -> float | None:
+    return run["evals"][-1][1] if run.get("evals") else None
+
+
+def diverged(run: dict) -> bool:
+    """Training failed, or the final validation loss is NaN/None or above the first evaluated one."""
+    final = final_loss(run)
+    if run.get("failed") or final is None or not math.isfinite(final):
+        return True
+    return final > run["evals"][0][1]
+
+
+def point_finals(args, results: dict) -> dict[str, dict[str, dict]]:
+    """variant -> point -> summary of the final losses of the runs that did not diverge, with
+    "diverged" (how many did) and "runs" (how many there are)."""
+    out: dict[str, dict[str, dict]] = {}
+    for v in args.variants:
+        for p in args.points:
+            runs = [results[p["name"], v, s] for s in args.seeds]
+            kept = [final_loss(r) for r in runs if not diverged(r)]
+            out.setdefault(v, {})[p["name"]] = summary(kept) | {"diverged": len(runs) - len(kept), "runs": len(runs)}
+    return out
+
+
+def finals_cell(s: dict) -> str:
+    if s["n"] == 0:
+        return "diverged"
+    return fmt_summary(s) + (f" ({s['diverged']}/{s['runs']} diverged)" if s["diverged"] else "")
+
+
+def best_point(finals: dict[str, dict]) -> str | None:
+    """The point with the lowest mean final loss among those where no seed diverged."""
+    ok = [p for p, s in finals.items() if s["n"] and not s["diverged"]]
+    return min(ok, key=lambda p: finals[p]["mean"]) if ok else None
+
+
+def near_best(finals: dict[str, dict], margin: float = SENSITIVITY_NATS) -> list[str]:
+    """The points (in sweep order) within `margin` nats of the best point's mean final loss."""
+    best = best_point(finals)
+    if best is None:
+        return []
+    top = finals[best]["mean"] + margin
+    return [p for p, s in finals.items() if s["n"] and not s["diverged"] and s["mean"] <= top]
+
+
+def sweep_value(point: dict):
+    """The swept value as a number when one key is swept and it is numeric, else None."""
+    if len(point["values"]) != 1:
+        return None
+    value = next(iter(point["values"].values()))
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def width_text(args, names: list[str]) -> str:
+    """How wide the near-best range is: a count of points, and the swept values at its ends."""
+    if not names:
+        return "n/a (every point diverged)"
+    text = f"{len(names)} of {len(args.points)} points"
+    values = [sweep_value(p) for p in args.points if p["name"] in names]
+    if None not in values:
+        text += f" ({min(values):g}..{max(values):g})"
+    elif len(names) > 1:
+        text += f" ({names[0]} .. {names[-1]})"
+    return text
+
+
+def sweep_table(args, finals: dict) -> list[str]:
+    head = ["point", *[f"`{v}`" for v in args.variants]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in args.points:
+        cells = [f"`{p['name']}`", *[finals_cell(finals[v][p["name"]]) for v in args.variants]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def best_table(args, finals: dict) -> list[str]:
+    head = ["variant", "best point", "final val loss there", f"within {SENSITIVITY_NATS} nats of the best"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in args.variants:
+        best = best_point(finals[v])
+        loss = fmt_summary(finals[v][best]) if best else "n/a"
+        cells = [f"`{v}`", f"`{best}`" if best else "none (all diverged)", loss, width_text(args, near_best(finals[v]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_sweep(args, finals: dict, path: Path) -> None:
+    """Final validation loss against the swept value, one line per variant, sd over seeds as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [sweep_value(p) for p in args.points]
+    numeric = None not in values
+    xs = values if numeric else list(range(len(args.points)))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in args.variants:
+        ss = [finals[v][p["name"]] for p in args.points]
+        ys = [s["mean"] if s["n"] else float("nan") for s in ss]
+        ax.errorbar(xs, ys, yerr=[s["sd"] or 0.0 for s in ss], marker="o", ms=4, capsize=3, label=v)
+    if numeric and min(xs) > 0 and max(xs) / min(xs) > 10:
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(xs, [p["name"] for p in args.points], rotation=30, ha="right", fontsize=8)
+    label = next(iter(args.points[0]["values"])) if numeric else "sweep point"
+    title = f"final validation loss (mean, bars: sd over {len(args.seeds)} seeds; gaps: diverged)"
+    ax.set(xlabel=label, ylabel="final validation loss", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_sweep_report(out: Path, cfg, args, results: dict, command: str) -> Path:
+    finals = point_finals(args, results)
+    plot_sweep(args, finals, out / "sweep.png")
+    lines = [f"# Sweep `{args.name}`: plain versus preconditioned attention", "", *setup_lines(cfg, args, command)]
+    lines.append(f"- Sweep: {len(args.points)} points ({', '.join(f'`{p}`' for p in args.sweep)}) x variants x seeds")
+    lines += ["", "## Final validation loss per point", "", "Mean ± sample standard deviation over seeds "]
+    lines[-1] += "(min-max, n) of the runs that did not diverge (final loss NaN, or above the first evaluation)."
+    lines += ["", *sweep_table(args, finals), "", "![final loss vs swept value](sweep.png)", ""]
+    lines += ["## Best point and sensitivity", "", "The best point is the lowest mean final loss where no seed"]
+    lines[-1] += f" diverged; the width is the range of points within {SENSITIVITY_NATS} nats of it."
+    lines += ["", *best_table(args, finals)]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    raw = {f"{p}/{v}-seed{s}": r for (p, v, s), r in results.items()}
     (out / "results.json").write_text(json.dumps(jsonable(raw), indent=1) + "\n")
     return out

@@ -74,3 +74,65 @@ def test_bad_variant_is_a_one_line_error(capsys):
     assert experiment.run_main(experiment.main, argv) == 2
     err = capsys.readouterr().err
     assert "bogus" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sweep_marks_divergence_and_finds_the_best_point():
+    def run(*losses, failed=False):
+        return {"evals": [(10 * i, x) for i, x in enumerate(losses, 1)], "failed": failed}
+
+    assert rep.diverged(run(6.0, math.nan)) and rep.diverged(run(6.0, 6.5)) and rep.diverged(run())
+    assert rep.diverged(run(6.0, 5.0, failed=True)) and not rep.diverged(run(6.0, 5.0))
+    points = [{"name": f"lr={lr}", "values": {"train.lr": lr}} for lr in (1e-4, 1e-3, 3e-3, 1e-2)]
+    args = SimpleNamespace(seeds=[1, 2], variants=["qkv"], points=points)
+    finals = {"lr=0.0001": (5.5, 5.7), "lr=0.001": (5.0, 5.1), "lr=0.003": (5.1, 5.12), "lr=0.01": (5.0, 7.0)}
+    results = {(p, "qkv", s): run(6.0, x) for p, xs in finals.items() for s, x in zip((1, 2), xs, strict=True)}
+    table = rep.point_finals(args, results)["qkv"]
+    assert table["lr=0.01"]["diverged"] == 1 and table["lr=0.01"]["n"] == 1
+    assert rep.best_point(table) == "lr=0.001" and table["lr=0.001"]["mean"] == pytest.approx(5.05)
+    assert rep.near_best(table) == ["lr=0.001", "lr=0.003"]
+    assert rep.width_text(args, rep.near_best(table)) == "2 of 4 points (0.001..0.003)"
+    assert rep.finals_cell(table["lr=0.01"]).endswith("(1/2 diverged)")
+    assert rep.finals_cell(rep.summary([]) | {"diverged": 2, "runs": 2}) == "diverged"
+    lines = "\n".join(rep.best_table(args, {"qkv": table}))
+    assert "| `qkv` | `lr=0.001` | 5.0500 ± 0.0707" in lines
+
+
+@pytest.mark.slow
+def test_sweep_runs_and_reports(tmp_path, capsys):
+    glob = write_corpus(tmp_path / "corpus")
+    extra = {"train.max_steps": 2, "train.eval_interval": 1, "train.save_interval": 2, "train.warmup_steps": 1}
+    over = tiny_overrides(glob, tmp_path / "cache", tmp_path / "unused", **extra)
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--name", "sw", "--seeds", "1", "--variants", "none,qkv"]
+    argv += ["--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "docs"), "--probe-batch", "2"]
+    argv += ["--conditioning-interval", "0", "--sweep", "train.lr=1e-3,3e-3", *over]
+    assert experiment.main(argv) == 0
+    for point in ("lr=0.001", "lr=0.003"):
+        for v in ("none", "qkv"):
+            assert (tmp_path / "runs" / "sw" / point / f"{v}-seed1" / "metrics.jsonl").is_file()
+    out = tmp_path / "docs" / "sw"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {f"{p}/{v}-seed1" for p in ("lr=0.001", "lr=0.003") for v in ("none", "qkv")}
+    readme = (out / "README.md").read_text()
+    assert "| `lr=0.001` |" in readme and "| `lr=0.003` |" in readme
+    assert "| point | `none` | `qkv` |" in readme and "| `qkv` | `lr=0.00" in readme
+    assert (out / "sweep.png").read_bytes()[:8] == PNG
+    capsys.readouterr()
+    assert experiment.main(argv) == 0  # resumable: finished runs are skipped
+    assert capsys.readouterr().out.count("already finished") == 4
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("train.bogus=1,2", "unknown key"),
+        ("lr=1e-3,3e-3", "section.key"),
+        ("train.lr=", "empty value list"),
+        ("train.lr=abc,1e-3", "train.lr"),
+        ("model.precondition=none,qkv", "--variants"),
+    ],
+)
+def test_bad_sweep_is_a_one_line_error(capsys, spec, words):
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--sweep", spec]
+    assert experiment.run_main(experiment.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "--sweep" in err and words in err and len(err.strip().splitlines()) == 1
