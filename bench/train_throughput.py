@@ -26,7 +26,7 @@ from launcher.precision import resolve_precision  # noqa: E402
 
 
 def precision(cfg) -> str:
-    return resolve_precision(cfg.train.precision, torch.device("cpu"))[0]
+    return resolve_precision(cfg.train.precision, torch.device("cpu")).name
 
 
 class RandomWindows:

@@ -88,7 +88,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_manifest(folder: Path, step: int, world_size: int, zero_stage: int) -> None:
-    """Record what a complete checkpoint holds: every file with its size, who wrote it."""
+    """Record what a complete checkpoint holds: every file with its size, and the world size and
+    ZeRO stage that wrote it."""
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     record = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
     _write_atomic(folder / MANIFEST, json.dumps(record, indent=1) + "\n")
@@ -145,11 +146,8 @@ def check_resume(ckpt_dir: Path, world_size: int, zero_stage: int) -> str | None
         problem = damage(ckpt_dir / tag)
     if problem:
         whole = [t for t in complete_tags(ckpt_dir) if t != tag]
-        todo = (
-            f"write {whole[-1]} (the newest complete checkpoint) into {latest}"
-            if whole
-            else (f"remove {latest} to start afresh")
-        )
+        newest = f"write {whole[-1]} (the newest complete checkpoint) into {latest}" if whole else None
+        todo = newest or f"remove {latest} to start afresh"
         raise ConfigError(f"{problem}; {todo}")
     record = read_manifest(ckpt_dir / tag) or {}
     saved_ws, saved_stage = record.get("world_size", world_size), record.get("zero_stage", zero_stage)

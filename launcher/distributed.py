@@ -61,7 +61,7 @@ def timeout_message(timeout_s: int) -> str:
     silent = f"rank {1 - rank()}" if W == 2 else "another rank"
     return (
         f"a collective waited longer than train.dist_timeout={timeout_s} s: {silent} went silent "
-        "(hung, stopped or dead); the job stops here and resumes from the last checkpoint"
+        "(hung, stopped or dead); the job stops here; run it again to resume from the last checkpoint"
     )
 
 

@@ -6,6 +6,8 @@ them about 80x slower than fp32; on those, auto picks fp32 and an explicit bf16 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -18,28 +20,29 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def _device_words(device: torch.device) -> str:
-    return "this GPU" if device.type == "cuda" else f"this {device.type.upper()}"
+class Precision(NamedTuple):
+    name: str
+    """fp32 or bf16: what the run computes in."""
+    reason: str
+    """Why, as the rank-0 summary prints it beside the name."""
+    warning: str | None = None
+    """Printed once: an explicit bf16 on hardware that emulates it."""
 
 
-def resolve_precision(asked: str, device: torch.device) -> tuple[str, str]:
-    """(the precision to run, why): auto -> bf16 where native, else fp32; fp32 and bf16 as asked.
-    The reason is what the rank-0 summary prints beside the precision."""
+def resolve_precision(asked: str, device: torch.device) -> Precision:
+    """auto -> bf16 where the hardware computes it natively, else fp32; fp32 and bf16 as asked."""
+    where = "this GPU" if device.type == "cuda" else f"this {device.type.upper()}"
     native = native_bf16(device)
     if asked == "auto":
-        if native:
-            return "bf16", f"auto: {_device_words(device)} computes bf16 natively"
-        return "fp32", f"auto: {_device_words(device)} has no native bf16"
+        return (
+            Precision("bf16", f"auto: {where} computes bf16 natively")
+            if native
+            else Precision("fp32", f"auto: {where} has no native bf16")
+        )
     if asked == "bf16" and not native:
-        return "bf16", f"asked; {_device_words(device)} has no native bf16, so bf16 is emulated and many times slower"
-    return asked, "asked"
-
-
-def slow_bf16_warning(asked: str, device: torch.device) -> str | None:
-    """The one-time warning for an explicit bf16 on hardware that emulates it, else None."""
-    if asked != "bf16" or native_bf16(device):
-        return None
-    return (
-        f"warning: train.precision=bf16 on {_device_words(device)}, which has no native bf16: bf16 matmuls are "
-        "emulated and run many times slower than fp32; use train.precision=auto or fp32"
-    )
+        warning = (
+            f"warning: train.precision=bf16 on {where}, which has no native bf16: bf16 matmuls are emulated "
+            "and run many times slower than fp32; use train.precision=auto or fp32"
+        )
+        return Precision("bf16", "asked; emulated", warning)
+    return Precision(asked, "asked")

@@ -23,7 +23,7 @@ from launcher.ds_config import build_ds_config
 from launcher.hf.files import keep_tokenizer
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer, build_scheduler
-from launcher.precision import resolve_precision, slow_bf16_warning
+from launcher.precision import resolve_precision
 from launcher.stopping import StopRequest
 from model import Transformer, count_parameters, flops_per_token
 
@@ -72,7 +72,8 @@ class Trainer:
         self.step_lr = None
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = self.device or torch.device("cpu")
-        self.precision, self.precision_reason = resolve_precision(cfg.train.precision, self.device)
+        self.precision_choice = resolve_precision(cfg.train.precision, self.device)
+        self.precision = self.precision_choice.name
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -319,13 +320,12 @@ class Trainer:
             f"x {dist.world_size()} ranks x {c.data.seq_len}",
             f"parallelism     world size {dist.world_size()}, ZeRO stage {c.deepspeed.zero_stage} on "
             f"{self.device.type}" + (", torch.compile" if c.train.compile else ""),
-            f"precision       {self.precision} ({self.precision_reason})",
+            f"precision       {self.precision} ({self.precision_choice.reason})",
             f"steps           {self.step} -> {c.train.max_steps}",
         ]
         print("\n".join(lines), flush=True)
-        warning = slow_bf16_warning(c.train.precision, self.device)
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
+        if self.precision_choice.warning:
+            print(self.precision_choice.warning, file=sys.stderr, flush=True)
 
     def _print_end(self) -> None:
         if self.is_main:

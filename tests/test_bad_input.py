@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 import subprocess
 import sys
@@ -14,16 +13,9 @@ import pytest
 
 from data.config import ConfigError, run_main
 from launcher.config import load_run_config
-from tests.train_helpers import check, run_single, tiny_overrides, write_corpus
+from tests.train_helpers import ROOT, check, env, run_single, snapshot, tiny_overrides, write_corpus
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {
-    **os.environ,
-    "PYTHONPATH": str(ROOT),
-    "DS_ACCELERATOR": "cpu",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+ENV = env(HF_HUB_OFFLINE=1)
 TINY = "configs/tiny.yaml"
 
 
@@ -133,11 +125,6 @@ CASES = [
      ["--config", TINY, "--variants", ",", "--runs-dir", "{case}/runs", "--out-dir", "{case}/report"], None,
      ["--variants", "empty"]),
 ]  # fmt: skip
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder under `folder`: relative path -> (size, mtime)."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
 def run_case(module: str, argv: list[str]) -> subprocess.CompletedProcess:

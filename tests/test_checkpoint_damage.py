@@ -10,7 +10,7 @@ import pytest
 
 from data.config import ConfigError
 from launcher import checkpoint
-from tests.train_helpers import check, run_single, tiny_overrides, write_corpus
+from tests.train_helpers import check, run_single, snapshot, tiny_overrides, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +60,6 @@ CASES = [
     (_garbage, "is not a checkpoint tag", "global_step8"),
     (_truncated_without_manifest, f"global_step8/{MODEL_FILE}: truncated or not a torch checkpoint", "global_step4"),
 ]
-
-
-def snapshot(folder: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize(("damage", "problem", "fallback"), CASES, ids=[c[0].__name__.strip("_") for c in CASES])

@@ -22,36 +22,34 @@ def cpu_bf16(monkeypatch):
 
 def test_auto_picks_bf16_on_a_cpu_with_native_bf16(cpu_bf16):
     cpu_bf16(True)
-    chosen, why = precision.resolve_precision("auto", CPU)
-    assert chosen == "bf16" and why == "auto: this CPU computes bf16 natively"
-    assert precision.slow_bf16_warning("bf16", CPU) is None
+    assert precision.resolve_precision("auto", CPU) == ("bf16", "auto: this CPU computes bf16 natively", None)
+    assert precision.resolve_precision("bf16", CPU) == ("bf16", "asked", None)
 
 
 def test_auto_picks_fp32_on_a_cpu_that_emulates_bf16(cpu_bf16):
     cpu_bf16(False)
-    assert precision.resolve_precision("auto", CPU) == ("fp32", "auto: this CPU has no native bf16")
+    assert precision.resolve_precision("auto", CPU) == ("fp32", "auto: this CPU has no native bf16", None)
 
 
 def test_explicit_bf16_on_a_cpu_that_emulates_it_runs_and_warns(cpu_bf16):
     cpu_bf16(False)
-    chosen, why = precision.resolve_precision("bf16", CPU)
+    chosen, why, warning = precision.resolve_precision("bf16", CPU)
     assert chosen == "bf16" and "emulated" in why
-    warning = precision.slow_bf16_warning("bf16", CPU)
     assert warning.startswith("warning: train.precision=bf16") and "slower" in warning
-    assert precision.slow_bf16_warning("fp32", CPU) is None
+    assert precision.resolve_precision("fp32", CPU).warning is None
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_explicit_fp32_is_kept(cpu_bf16, native):
     cpu_bf16(native)
-    assert precision.resolve_precision("fp32", CPU) == ("fp32", "asked")
+    assert precision.resolve_precision("fp32", CPU) == ("fp32", "asked", None)
 
 
 def test_auto_on_a_gpu_follows_its_bf16_support(monkeypatch):
     gpu = torch.device("cuda", 0)
     for native, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
-        assert precision.resolve_precision("auto", gpu)[0] == expected
+        assert precision.resolve_precision("auto", gpu).name == expected
 
 
 def test_every_config_asks_for_auto(project_root):

@@ -16,6 +16,7 @@ from tests.train_helpers import (
     metric_rows,
     run_deepspeed,
     run_single,
+    snapshot,
     tiny_overrides,
     train_losses,
     write_corpus,
@@ -256,14 +257,13 @@ def test_resume_on_another_world_size_is_refused_before_anything_changes(corpus,
     glob, cache = corpus
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted(2), run_dir)
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    before = snapshot(run_dir)
     overrides = tiny_overrides(glob, cache, run_dir, **resume_settings(2), **{"train.lr": 1e-3})
     proc = run_single(overrides)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "written by 2 ranks, resuming with 1" in proc.stderr and "global_step10" in proc.stderr
-    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    assert after == before  # config.yaml too: nothing loaded or written
+    assert snapshot(run_dir) == before  # config.yaml too: nothing loaded or written
 
 
 def test_sigterm_saves_and_exits_zero(corpus, tmp_path):

@@ -89,6 +89,11 @@ def run_deepspeed(overrides, ranks: int, port: int, timeout: int = 300, **env_ex
     return subprocess.run(cmd, cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
 
 
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under `folder`: to check a command changed nothing."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
 def metric_rows(run_dir: Path) -> list[dict]:
     from launcher.metrics import read_metrics
 
