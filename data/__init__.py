@@ -1,12 +1,22 @@
-"""Corpus sources, the tokenizer, streaming + packing of training windows.
+"""Corpus sources, the tokenizer, token shards and their loader, streaming + packing.
 
-prepared = prepare_data(cfg.data, model_vocab_size=..., model_max_seq_len=...)
-stream = TokenStream(prepared, rank=r, world_size=w, seed=seed)
-batch = stream.next_batch(B)            # LongTensor (B, seq_len + 1)
+prepared = prepare_data(cfg.data, model_vocab_size=..., model_max_seq_len=..., workers=N)
+batches = training_batches(prepared, rank=r, world_size=w, seed=seed, batch_size=B)
+batch = batches.next_batch(B)           # LongTensor (B, seq_len + 1), prepared ahead
 val = validation_windows(prepared)      # LongTensor (N, seq_len + 1)
+
+ShardLoader (data.loader=shards) and TokenStream (data.loader=stream) are the two loaders.
 """
 
-__all__ = ["PreparedData", "TokenStream", "prepare_data", "validation_windows"]
+__all__ = [
+    "PreparedData",
+    "Prefetcher",
+    "ShardLoader",
+    "TokenStream",
+    "prepare_data",
+    "training_batches",
+    "validation_windows",
+]
 
 
 def __getattr__(name: str):
@@ -16,6 +26,10 @@ def __getattr__(name: str):
         from data.stream import TokenStream
 
         return TokenStream
+    if name in ("Prefetcher", "ShardLoader", "training_batches"):
+        import data.loader as loader
+
+        return getattr(loader, name)
     if name in ("PreparedData", "prepare_data", "validation_windows"):
         import data.prepare as prepare
 

@@ -100,6 +100,7 @@ def load_yaml(path: str | Path | None, overrides: list[str] = (), name: str = "-
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 TEXT_SPLITS = ("file", "blank_lines")
+LOADERS = ("shards", "stream")
 
 
 @dataclass
@@ -131,7 +132,20 @@ class DataConfig:
     val_windows: int = 64
     """Number of fixed validation windows."""
     cache_dir: str = ".cache"
-    """Where the default corpus and trained tokenizers are cached."""
+    """Where the default corpus, trained tokenizers and token shards are cached."""
+    loader: str = "shards"
+    """How training reads the corpus: 'shards' (tokenised once by data.prepare into token shards,
+    read memory-mapped in a seeded global order; resumes on any number of ranks) or 'stream'
+    (each rank tokenises its own share of a `datasets` stream while training; for hub corpora
+    that should not be copied)."""
+    shard_bytes: int = 16 << 20
+    """Text bytes per token shard: the unit of parallel tokenisation and of resuming data.prepare."""
+    max_tokens: int = 0
+    """With loader=shards: at most about this many training tokens from each source (whole shards;
+    0 = the whole corpus)."""
+    tokenizer_sample_bytes: int = 128 << 20
+    """Text bytes (spread over the sources) that a trained BPE learns from; a smaller corpus is
+    read whole, and its validation split is then exact."""
 
     def __post_init__(self) -> None:
         if isinstance(self.files, str):
@@ -144,6 +158,11 @@ class DataConfig:
         check_range("data", "seq_len", self.seq_len, self.seq_len >= 1, "a positive int")
         check_range("data", "val_fraction", self.val_fraction, 0.0 < self.val_fraction < 1.0, "0 < x < 1")
         check_range("data", "val_windows", self.val_windows, self.val_windows >= 1, "a positive int")
+        check_choice("data", "loader", self.loader, LOADERS)
+        check_range("data", "shard_bytes", self.shard_bytes, self.shard_bytes >= 1, "a positive int")
+        check_range("data", "max_tokens", self.max_tokens, self.max_tokens >= 0, "an int >= 0 (0 = no cap)")
+        sample_ok = self.tokenizer_sample_bytes >= 1
+        check_range("data", "tokenizer_sample_bytes", self.tokenizer_sample_bytes, sample_ok, "a positive int")
         if self.weights and len(self.weights) != len(self.files):
             raise ConfigError(
                 f"data.weights: {len(self.weights)} weights for {len(self.files)} globs in data.files; "

@@ -81,32 +81,48 @@ class CorpusPass:
         self.val_specs = [replace(s, files=tuple(check_files(s, self.report))) for s in self.val_specs]
         self.specs, self.user_weights = kept, weights
 
-    def check_and_split(self) -> None:
-        """Check every file, then choose the held-out documents (sets val_threshold)."""
+    def sample_and_split(self, cap: int) -> list[str]:
+        """Check every file, read up to `cap` bytes of documents (shared among the sources) and
+        choose the held-out documents (sets val_threshold); returns the sample's training texts.
+        When the sample is the whole corpus the split is exact (the smallest val_fraction of
+        doc hashes, as the module docstring says); else a document is held out when its hash
+        falls in the lowest val_fraction of the hash range."""
         self._check()
-        hashes, sizes, owner = [], [], []
-        for k, text in self._docs(self.specs, "reading corpus"):
-            hashes.append(doc_hash(text))
-            sizes.append(len(text.encode("utf-8")))
-            owner.append(k)
+        texts, hashes, whole = [], [], True
+        for spec in self.specs:
+            size = 0
+            for _, text in self._docs([spec], "reading a sample"):
+                if size >= cap // len(self.specs):
+                    whole = False
+                    break
+                texts.append(text)
+                hashes.append(doc_hash(text))
+                size += len(text.encode("utf-8"))
         if not hashes:
             raise ConfigError(f"data: {self.specs[0].name!r} yields no documents with text; check data.text_field")
-        hashes_u = np.array(hashes, dtype=np.uint64)
-        if not self.val_specs:
-            if len(hashes) < 2:
-                raise ConfigError("data: the corpus has 1 document; give at least 2 (whole documents are held out)")
+        if self.val_specs:
+            self.val_threshold = 0
+        elif not whole:
+            self.val_threshold = int(self.cfg.val_fraction * 2**64)
+        elif len(hashes) < 2:
+            raise ConfigError("data: the corpus has 1 document; give at least 2 (whole documents are held out)")
+        else:
             n_val = min(len(hashes) - 1, max(1, round(self.cfg.val_fraction * len(hashes))))
-            self.val_threshold = int(np.sort(hashes_u)[n_val - 1]) + 1
-        train = hashes_u >= np.uint64(min(self.val_threshold, 2**64 - 1))
-        sizes_a, owner_a = np.array(sizes), np.array(owner)
-        self.source_bytes = [int(sizes_a[train & (owner_a == k)].sum()) for k in range(len(self.specs))]
+            self.val_threshold = int(np.sort(np.array(hashes, dtype=np.uint64))[n_val - 1]) + 1
+        return [t for t, h in zip(texts, hashes, strict=True) if h >= self.val_threshold]
 
     def _is_train(self, text: str) -> bool:
         return doc_hash(text) >= self.val_threshold
 
-    def train_texts(self, desc: str = "training the tokenizer") -> Iterator[str]:
-        """The training split's texts (the tokenizer's training data)."""
-        return (t for _, t in self._docs(self.specs, desc) if self._is_train(t))
+    def useful_workers(self, shard_bytes: int) -> int:
+        """Worker processes that can have a shard to tokenise (local files: by their size)."""
+        if any(s.format == "hub" for s in self.specs):
+            return 1 << 16
+        size = sum(os.stat(f).st_size for s in self.specs + self.val_specs for f in s.files)
+        return max(1, -(-size // shard_bytes))
+
+    def _train_texts(self) -> Iterator[tuple[int, str]]:
+        return ((k, t) for k, t in self._docs(self.specs, "counting tokens") if self._is_train(t))
 
     def val_texts(self) -> Iterator[str]:
         if self.val_specs:
@@ -125,16 +141,34 @@ class CorpusPass:
         for split in ("train", "val"):
             for key in ("documents", "bytes", "tokens"):
                 self.counts[f"{split}_{key}"] = 0
-        batch = []
-        for t in self.train_texts("counting tokens"):
+        batch, self.source_bytes = [], [0] * len(self.specs)
+        for k, t in self._train_texts():
+            self.source_bytes[k] += len(t.encode("utf-8"))
             batch.append(t)
             if len(batch) == TOKENIZE_BATCH:
                 self._count("train", batch, tok)
                 batch = []
         self._count("train", batch, tok)
+        return self._pack((self._count("val", [t], tok)[0] + [eos_id] for t in self.val_texts()))
+
+    def count_shards(self, shards: list[dict], folder: Path) -> np.ndarray:
+        """Take the counts from the sharding pass's records; returns the validation windows
+        packed from the held-out documents the shards set aside, in shard order."""
+        self.source_bytes = [0] * len(self.specs)
+        for split in ("train", "val"):
+            for key in ("documents", "bytes", "tokens"):
+                self.counts[f"{split}_{key}"] = sum(r[f"{split}_{key}"] for r in shards)
+        for r in shards:
+            if r["source"] >= 0:
+                self.source_bytes[r["source"]] += r["train_bytes"]
+        self.counts["shards"] = len(shards)
+        return self._pack(np.load(folder / f"{r['name']}.val.npy") for r in shards if r["val_documents"])
+
+    def _pack(self, pieces: Iterator) -> np.ndarray:
+        """The first data.val_windows windows of seq_len + 1 tokens of the held-out documents."""
         packer, windows = WindowPacker(self.cfg.seq_len + 1), []
-        for t in self.val_texts():
-            packer.push(self._count("val", [t], tok)[0] + [eos_id])
+        for ids in pieces:
+            packer.push(ids)
             while packer.ready() and len(windows) < self.cfg.val_windows:
                 windows.append(packer.pop())
         if not windows:
@@ -194,4 +228,6 @@ def format_stats(stats: dict, tokenizer_path: Path, eos_token: str) -> str:
         f"tokenizer         {tokenizer_path} (vocab {s['vocab_size']}, eos {eos_token!r})",
         f"validation        {s['val_windows']} windows",
     ]
+    if "shards" in s:
+        lines.append(f"token shards      {s['shards']} (data.loader=shards)")
     return "\n".join(lines)

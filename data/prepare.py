@@ -1,11 +1,18 @@
 """Prepare a corpus for training: resolve and check the sources, hold out the validation
-split, train (or load) the tokenizer, pack the fixed validation windows, count statistics.
+split, train (or load) the tokenizer, write token shards (data.loader=shards), pack the
+fixed validation windows, count statistics.
 
-    python -m data.prepare --config FILE [key=value ...]
+    python -m data.prepare --config FILE [--workers N] [key=value ...]
+
+The tokenizer learns from a sample of at most data.tokenizer_sample_bytes; with
+data.loader=shards the corpus is then read once more, by N worker processes that tokenise
+it into shards (data/shards.py), and the statistics come from that pass. With
+data.loader=stream a counting pass replaces the shards; ranks tokenise while training.
 
 The result is cached under data.cache_dir by a hash of the corpus (paths, sizes, mtimes)
 and the settings, so a second call only reads a small manifest; every file is written under
 a temporary name and renamed, and the manifest last, so a reader never sees half a result.
+An interrupted preparation keeps its finished shards and goes on from there.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import torch
 
 from data.config import ConfigError, DataConfig, build_section, help_parser, load_yaml, run_main
 from data.corpus import CorpusPass, format_stats, resolve_sources, source_fingerprint
+from data.shards import ShardJob, ShardWriter, token_dtype, write_atomic
 from data.sources import SourceSpec
 from data.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_bpe
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 """Bump when the prepared output changes meaning, so old caches are not reused."""
 
 
@@ -41,10 +49,17 @@ class PreparedData:
     seq_len: int
     sources: tuple[SourceSpec, ...]
     weights: tuple[float, ...]
+    weighted: bool
+    """The weights are data.weights (else each source's training bytes)."""
     val_threshold: int
     """Documents whose doc_hash is below this are held out (0: none, the split is by file)."""
     val_path: Path
     stats: dict
+    loader: str
+    shard_dir: Path | None
+    """The token shards (data.loader=shards), else None."""
+    shards: tuple[dict, ...]
+    """Each shard's record (name, source, counts, checksum), in order."""
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -54,12 +69,6 @@ class PreparedData:
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _check_limits(cfg: DataConfig, model_vocab_size: int | None, model_max_seq_len: int | None) -> None:
@@ -94,10 +103,20 @@ def _tokenizer_fingerprint(cfg: DataConfig) -> list:
     return [str(p)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
+def default_workers() -> int:
+    """All the cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def prepare_data(
-    cfg: DataConfig, model_vocab_size: int | None = None, model_max_seq_len: int | None = None, progress: bool = False
+    cfg: DataConfig,
+    model_vocab_size: int | None = None,
+    model_max_seq_len: int | None = None,
+    progress: bool = False,
+    workers: int | None = None,
 ) -> PreparedData:
     """Prepare (or load from the cache) the corpus of `cfg`; see the module docstring.
+    `workers`: processes that tokenise shards (default: all cores).
 
     Bad input raises ConfigError with a one-line message. Safe to call from several ranks once
     one process has finished a first call (they then only read the cache).
@@ -107,17 +126,19 @@ def prepare_data(
     specs, val_specs = resolve_sources(cfg)
     settings = [MANIFEST_VERSION, source_fingerprint(specs + val_specs), cfg.text_field, cfg.text_split]
     settings += [cfg.val_fraction, cfg.seq_len, cfg.val_windows, cfg.weights, _tokenizer_fingerprint(cfg)]
+    settings += [cfg.tokenizer_sample_bytes, cfg.loader, cfg.shard_bytes, cfg.max_tokens]
     manifest = cache / "prepared" / f"{_digest(settings)}.json"
     if manifest.is_file():
         prepared = _load_manifest(manifest)
     else:
-        prepared = _build(cfg, specs, val_specs, manifest, progress)
+        prepared = _build(cfg, specs, val_specs, manifest, progress, workers or default_workers())
     _check_vocab(prepared, cfg, model_vocab_size)
     return prepared
 
 
-def _tokenizer(cfg: DataConfig, corpus: CorpusPass, key: str, progress: bool):
-    """(tokenizer, eos token, path of the cached tokenizer.json): trained on the training split or loaded."""
+def _tokenizer(cfg: DataConfig, sample: list[str], key: str, progress: bool):
+    """(tokenizer, eos token, path of the cached tokenizer.json): trained on the sample's
+    training texts or loaded."""
     if cfg.tokenizer:
         tok, eos = load_tokenizer(cfg.tokenizer)
     else:
@@ -128,44 +149,55 @@ def _tokenizer(cfg: DataConfig, corpus: CorpusPass, key: str, progress: bool):
 
         return Tokenizer.from_file(str(folder / "tokenizer.json")), eos, folder / "tokenizer.json"
     if tok is None:
-        tok = train_bpe(corpus.train_texts(), cfg.vocab_size, show_progress=progress)
+        tok = train_bpe(sample, cfg.vocab_size, show_progress=progress)
     folder.parent.mkdir(parents=True, exist_ok=True)
     return tok, eos, save_tokenizer(tok, eos, folder, max_len=cfg.seq_len)
 
 
 def _build(
-    cfg: DataConfig, specs: list[SourceSpec], val_specs: list[SourceSpec], manifest: Path, progress: bool
+    cfg: DataConfig, specs: list[SourceSpec], val_specs: list[SourceSpec], manifest: Path, progress: bool, workers: int
 ) -> PreparedData:
     corpus = CorpusPass(specs, val_specs, cfg, progress)
-    corpus.check_and_split()
+    sample = corpus.sample_and_split(cfg.tokenizer_sample_bytes)
     if corpus.report.replaced:
         warnings.warn(corpus.replaced_message(), stacklevel=2)
-    settings = [cfg.text_field, cfg.text_split, corpus.val_threshold, cfg.vocab_size]
+    settings = [cfg.text_field, cfg.text_split, corpus.val_threshold, cfg.vocab_size, cfg.tokenizer_sample_bytes]
     tok_key = _digest([MANIFEST_VERSION, source_fingerprint(specs + val_specs), *settings])
-    tok, eos, tok_path = _tokenizer(cfg, corpus, tok_key, progress)
-    eos_id = tok.token_to_id(eos)
-    val = corpus.count_and_pack(tok, eos_id)
-    manifest.parent.mkdir(parents=True, exist_ok=True)
+    tok, eos, tok_path = _tokenizer(cfg, sample, tok_key, progress)
+    del sample
+    eos_id, vocab_size = tok.token_to_id(eos), tok.get_vocab_size(with_added_tokens=True)
+    shard_dir, shards = None, []
+    if cfg.loader == "shards":
+        shard_dir = manifest.with_suffix(".shards")
+        job = ShardJob(shard_dir, tok_path, eos_id, corpus.val_threshold, token_dtype(vocab_size).name)
+        workers = min(workers, corpus.useful_workers(cfg.shard_bytes))
+        shards = ShardWriter(job, workers, cfg.shard_bytes, cfg.max_tokens, progress).run(corpus.specs, corpus.val_specs)
+        val = corpus.count_shards(shards, shard_dir)
+    else:
+        val = corpus.count_and_pack(tok, eos_id)
     val_path = manifest.with_suffix(".val.npy")
     tmp = val_path.with_name(f"{val_path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         np.save(f, val.astype(np.int32))
     tmp.replace(val_path)
-    stats = corpus.stats(tok.get_vocab_size(with_added_tokens=True), len(val))
     cache = Path(cfg.cache_dir).resolve()
     record = {
         "tokenizer_path": str(tok_path.resolve().relative_to(cache)),
         "eos_id": eos_id,
         "eos_token": eos,
-        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "vocab_size": vocab_size,
         "seq_len": cfg.seq_len,
         "sources": [asdict(s) for s in corpus.specs],
         "weights": corpus.weights(),
+        "weighted": bool(cfg.weights),
         "val_threshold": corpus.val_threshold,
         "val_path": val_path.name,
-        "stats": stats,
+        "stats": corpus.stats(vocab_size, len(val)),
+        "loader": cfg.loader,
+        "shard_dir": shard_dir and shard_dir.name,
+        "shards": shards,
     }
-    _write_atomic(manifest, json.dumps(record, indent=1).encode())
+    write_atomic(manifest, json.dumps(record, indent=1).encode())
     return _load_manifest(manifest)
 
 
@@ -180,9 +212,13 @@ def _load_manifest(manifest: Path) -> PreparedData:
         seq_len=record["seq_len"],
         sources=tuple(SourceSpec(**{**s, "files": tuple(s["files"])}) for s in record["sources"]),
         weights=tuple(record["weights"]),
+        weighted=record["weighted"],
         val_threshold=record["val_threshold"],
         val_path=manifest.parent.resolve() / record["val_path"],
         stats=record["stats"],
+        loader=record["loader"],
+        shard_dir=record["shard_dir"] and manifest.parent.resolve() / record["shard_dir"],
+        shards=tuple(record["shards"]),
     )
 
 
@@ -202,10 +238,13 @@ def _model_limit(raw: dict, key: str) -> int | None:
 def main(argv=None) -> int:
     parser = help_parser(
         "python -m data.prepare",
-        "Fetch or check the corpus, train or load the tokenizer, print corpus statistics.",
+        "Fetch or check the corpus, train or load the tokenizer, write token shards, print corpus statistics.",
         {"data": DataConfig},
     )
     parser.add_argument("--config", required=True, help="a run YAML (its data and model sections are read)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="processes that tokenise shards (default: all cores)"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.vocab_size=2048")
     args = parser.parse_args(argv)
     raw = load_yaml(args.config, args.overrides)
@@ -214,7 +253,9 @@ def main(argv=None) -> int:
         "model_vocab_size": _model_limit(raw, "vocab_size"),
         "model_max_seq_len": _model_limit(raw, "max_seq_len"),
     }
-    prepared = prepare_data(cfg, **limits, progress=True)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers: {args.workers} is not a positive number of processes")
+    prepared = prepare_data(cfg, **limits, progress=True, workers=args.workers)
     print(format_stats(prepared.stats, prepared.tokenizer_path, prepared.eos_token))
     return 0
 

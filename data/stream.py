@@ -108,6 +108,9 @@ class TokenStream:
     fewest tokens drawn per unit of weight, a deterministic schedule that needs no RNG state.
     """
 
+    elastic = False
+    """Its state is per rank: a resume must keep the number of ranks."""
+
     def __init__(self, prepared, rank: int = 0, world_size: int = 1, seed: int = 0):
         from tokenizers import Tokenizer
 
