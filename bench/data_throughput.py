@@ -1,63 +1,129 @@
-"""Tokens per second of the training data path (stream + tokenise + pack) on one CPU core.
+"""Throughput of the data path: sharding, the shard loader, the stream, and a training step fed by the loader.
 
-    python bench/data_throughput.py [--config configs/tiny.yaml] [--tokens 4000000]
+    python bench/data_throughput.py [--config configs/tiny.yaml] [--steps 30]
 
-Prepares the config's corpus (the default corpus for tiny.yaml; cached after the first run),
-then times a fresh TokenStream from its start (dataset open, tokenisation, packing, epoch
-changes included) and compares it with what training on the config consumes.
+Prints four tables (Markdown) for docs/benchmarks.md:
+1. data.prepare with 1, 2 and all cores as workers (a fresh cache, the config's tokenizer given
+   so that only the sharding pass and its sample read are timed): tokens/s.
+2. The shard loader on one core: windows/s and tokens/s per rank.
+3. The streamed path (data.loader=stream) on one core: tokens/s of tokenise + pack.
+4. The training step of the config's model fed by the prefetching shard loader, against the
+   same step on random tokens already in memory (median over interleaved rounds).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-# One core: the Rust tokenizer and torch must not spread over more threads.
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-os.environ["RAYON_NUM_THREADS"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from data import TokenStream, prepare_data  # noqa: E402
-from data.config import DataConfig, build_section, load_yaml  # noqa: E402
+from data import Prefetcher, ShardLoader, TokenStream, prepare_data  # noqa: E402
+from data.prepare import default_workers  # noqa: E402
+from launcher.config import load_run_config  # noqa: E402
 
 
-def measure(prepared, n_tokens: int, batch_size: int) -> tuple[int, float, float]:
-    """(tokens produced, wall seconds, CPU seconds) for a fresh stream to yield at least n_tokens;
-    CPU time is what the figure would be on an idle core of a busy shared machine."""
-    start, cpu = time.perf_counter(), time.process_time()
-    stream = TokenStream(prepared, rank=0, world_size=1, seed=0)
-    done = 0
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def sharding(cfg, prepared) -> str:
+    """data.prepare into a fresh cache with 1, 2 and all cores."""
+    rows, base = [], None
+    for workers in sorted({1, 2, default_workers()}):
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = replace(cfg, cache_dir=tmp, tokenizer=str(prepared.tokenizer_path))
+            if not fresh.files and not fresh.hf_dataset:  # the default corpus: fetch it from the cache, not pip
+                fresh = replace(fresh, files=[str(p) for p in default_corpus_files(prepared)])
+            start = time.perf_counter()
+            done = prepare_data(fresh, workers=workers)
+            wall = time.perf_counter() - start
+        tokens = done.stats["train_tokens"] + done.stats["val_tokens"]
+        base = base or tokens / wall
+        rows.append([str(workers), str(len(done.shards)), f"{tokens:,}", f"{wall:.1f}", f"{tokens / wall:,.0f}"])
+        rows[-1].append(f"{tokens / wall / base:.2f}x")
+    return table(["workers", "shards", "tokens", "wall s", "tokens/s", "vs 1 worker"], rows)
+
+
+def default_corpus_files(prepared) -> list[Path]:
+    return [Path(f) for s in prepared.sources for f in s.files]
+
+
+def loader_rate(prepared, batch: int, seconds: float = 3.0) -> str:
+    loader = ShardLoader(prepared, seed=0)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        n += loader.next_batch(batch).shape[0]
+    wall = time.perf_counter() - start
+    tokens = n * (prepared.seq_len + 1)
+    return table(["loader", "batch", "windows/s", "tokens/s"], [["shards", str(batch), f"{n / wall:,.0f}", f"{tokens / wall:,.0f}"]])
+
+
+def stream_rate(prepared, batch: int, n_tokens: int = 2_000_000) -> str:
+    stream, done, start = TokenStream(prepared, seed=0), 0, time.perf_counter()
     while done < n_tokens:
-        done += stream.next_batch(batch_size).numel()
-    return done, time.perf_counter() - start, time.process_time() - cpu
+        done += stream.next_batch(batch).numel()
+    wall = time.perf_counter() - start
+    return table(["loader", "batch", "tokens", "tokens/s"], [["stream", str(batch), f"{done:,}", f"{done / wall:,.0f}"]])
+
+
+def step_times(cfg, prepared, steps: int, rounds: int = 5) -> str:
+    """Median step seconds with the prefetching loader vs random tokens in memory."""
+    from launcher.precision import resolve_precision
+    from model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    bf16 = resolve_precision(cfg.train.precision, torch.device("cpu")).name == "bf16"
+    B, L = cfg.train.micro_batch_size, cfg.data.seq_len + 1
+    fixed = torch.randint(0, prepared.vocab_size, (B, L))
+    feeds = {"loader": Prefetcher(ShardLoader(prepared, seed=0), B), "in memory": None}
+
+    def step(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(batch[:, :-1], batch[:, 1:]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {k: [] for k in feeds}
+    for _ in range(rounds):
+        for name, feed in feeds.items():
+            for i in range(steps + 2):
+                start = time.perf_counter()
+                step(fixed if feed is None else feed.next_batch(B))
+                if i >= 2:  # the first steps of a round warm caches
+                    times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = [[k, f"{med[k] * 1e3:.1f}", f"{med[k] / med['in memory']:.3f}"] for k in feeds]
+    return table(["step fed by", "median step ms", "vs in memory"], rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--tokens", type=int, default=4_000_000, help="tokens to produce (the default > 1 epoch)")
-    parser.add_argument("--train-steps-per-sec", type=float, default=6.0, help="training speed to compare with")
+    parser.add_argument("--steps", type=int, default=30, help="steps per round of the training-step comparison")
+    parser.add_argument("--shard-bytes", type=int, default=1 << 20, help="data.shard_bytes for the sharding table")
     args = parser.parse_args()
+    cfg = load_run_config(args.config, [])
+    prepared = prepare_data(cfg.data, progress=True)
     torch.set_num_threads(1)
-    raw = load_yaml(args.config)
-    cfg = build_section(DataConfig, raw.get("data"), "data")
-    train = raw.get("train") or {}
-    prepared = prepare_data(cfg, progress=True)
-    batch = int(train.get("micro_batch_size", 8))
-    consumed = batch * int(train.get("grad_accum", 1)) * cfg.seq_len * args.train_steps_per_sec
-    tokens, wall, cpu = measure(prepared, args.tokens, batch)
-    print("| corpus | tokens | wall s | CPU s | tokens/s (wall) | tokens/s (CPU) | training needs | ratio (wall) |")
-    print("|---|---|---|---|---|---|---|---|")
-    cells = [prepared.sources[0].name, f"{tokens:,}", f"{wall:.1f}", f"{cpu:.1f}", f"{tokens / wall:,.0f}"]
-    cells += [f"{tokens / cpu:,.0f}", f"{consumed:,.0f}", f"{tokens / wall / consumed:.1f}x"]
-    print("| " + " | ".join(cells) + " |")
-    verdict = "met" if tokens / wall >= 10 * consumed else "NOT met"
-    print(f"target: >= 10x what training consumes ({10 * consumed:,.0f} tokens/s, wall): {verdict}")
+    print("## sharding (data.prepare, tokenizer given)\n" + sharding(replace(cfg.data, shard_bytes=args.shard_bytes), prepared))
+    print("\n## shard loader, one core\n" + loader_rate(prepared, cfg.train.micro_batch_size))
+    print("\n## streamed path, one core\n" + stream_rate(prepared, cfg.train.micro_batch_size))
+    torch.set_num_threads(cfg.train.threads or default_workers())
+    print(f"\n## training step ({torch.get_num_threads()} threads)\n" + step_times(cfg, prepared, args.steps))
 
 
 if __name__ == "__main__":

@@ -163,6 +163,8 @@ class DataConfig:
         check_range("data", "max_tokens", self.max_tokens, self.max_tokens >= 0, "an int >= 0 (0 = no cap)")
         sample_ok = self.tokenizer_sample_bytes >= 1
         check_range("data", "tokenizer_sample_bytes", self.tokenizer_sample_bytes, sample_ok, "a positive int")
+        for w in self.weights:
+            check_range("data", "weights", w, w > 0, "positive weights, one per glob in data.files")
         if self.weights and len(self.weights) != len(self.files):
             raise ConfigError(
                 f"data.weights: {len(self.weights)} weights for {len(self.files)} globs in data.files; "

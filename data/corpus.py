@@ -181,9 +181,6 @@ class CorpusPass:
     def weights(self) -> list[float]:
         """Mixture weights: data.weights, or each source's training bytes."""
         if self.user_weights and self.user_weights[0] is not None:
-            for spec, w in zip(self.specs, self.user_weights, strict=True):
-                if w <= 0:
-                    raise ConfigError(f"data.weights: {w} for {spec.name!r} is not positive; give weights > 0")
             return [float(w) for w in self.user_weights]
         return [float(max(b, 1)) for b in self.source_bytes]
 

@@ -119,7 +119,16 @@ def test_cli_statistics_and_exit_code(tmp_path, project_root):
                                                "id, text; set data.text_field"]  # fmt: skip
 
 
-@pytest.mark.parametrize("bad", [{"files": "a.txt", "hf_dataset": "x"}, {"weights": [1.0]}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"files": "a.txt", "hf_dataset": "x"},
+        {"weights": [1.0]},
+        {"files": "a.txt", "weights": [-1.0]},
+        {"loader": "mmap"},
+        {"shard_bytes": 0},
+    ],
+)
 def test_conflicting_sources_and_weights(tmp_path, capsys, bad):
     code, _, err = run_cli(tmp_path, capsys, bad)
     assert_one_line_error(code, err, "data.")
