@@ -19,10 +19,12 @@ from tqdm import tqdm
 
 from data.config import ConfigError, DataConfig
 from data.default_corpus import fetch_default_corpus, split_plays
-from data.sources import ScanReport, SourceSpec, check_files, doc_hash, file_sources, hub_source, iter_texts
+from data.sources import ScanReport, SourceSpec, check_files, doc_hash, file_sources, hub_source, iter_checked_texts
 from data.stream import TOKENIZE_BATCH, WindowPacker
 
 DEFAULT_CORPUS = "default corpus (Shakespeare's plays)"
+CHECK_HEAD_BYTES = 1 << 20
+"""Bytes of each file checked up front when the corpus is too large to read twice."""
 
 
 def resolve_sources(cfg: DataConfig) -> tuple[list[SourceSpec], list[SourceSpec]]:
@@ -60,17 +62,21 @@ class CorpusPass:
     def _docs(self, specs: list[SourceSpec], desc: str) -> Iterator[tuple[int, str]]:
         bar = tqdm(desc=desc, unit=" docs", disable=not self.progress, leave=False)
         for k, spec in enumerate(specs):
-            for text in iter_texts(spec):
+            for text in iter_checked_texts(spec):
                 bar.update()
                 yield k, text
         bar.close()
 
     def _check(self) -> None:
+        """Check the files: whole, or the first CHECK_HEAD_BYTES of each when the corpus is larger
+        than the tokenizer sample (the sharding pass then reads the rest once)."""
         kept, weights, n_files = [], [], 0
+        size = sum(os.stat(f).st_size for s in self.specs + self.val_specs for f in s.files)
+        head = CHECK_HEAD_BYTES if size > self.cfg.tokenizer_sample_bytes else None
         for spec, weight in zip(self.specs, self.user_weights, strict=True):
             if spec.format != "hub":
                 n_files += len(spec.files)
-                files = check_files(spec, self.report)
+                files = check_files(spec, self.report, head)
                 if not files:
                     continue  # a source whose files are all empty drops out of the mixture
                 spec = replace(spec, files=tuple(files))
@@ -78,7 +84,7 @@ class CorpusPass:
             weights.append(weight)
         if not kept:
             raise ConfigError(f"data.files: all {n_files} matched files are empty; give files that hold text")
-        self.val_specs = [replace(s, files=tuple(check_files(s, self.report))) for s in self.val_specs]
+        self.val_specs = [replace(s, files=tuple(check_files(s, self.report, head))) for s in self.val_specs]
         self.specs, self.user_weights = kept, weights
 
     def sample_and_split(self, cap: int) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.sources import SourceSpec, doc_hash, iter_texts
+from data.sources import SourceSpec, doc_hash, iter_checked_texts
 
 LOOKAHEAD = 2
 """Pieces queued per worker beyond the one it tokenises."""
@@ -94,22 +94,29 @@ def finished(folder: Path, name: str) -> dict | None:
     return record if whole else None
 
 
-_tokenizer = None  # each worker process loads the tokenizer once
+_tokenizer = (None, None)  # (path, tokenizer): each worker process loads the tokenizer once
+
+
+def _load_tokenizer(tokenizer_path: str):
+    global _tokenizer
+    if _tokenizer[0] != tokenizer_path:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(tokenizer_path)
+        tok.no_padding()
+        tok.no_truncation()
+        _tokenizer = (tokenizer_path, tok)
+    return _tokenizer[1]
 
 
 def _init_worker(tokenizer_path: str) -> None:
-    global _tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
-    from tokenizers import Tokenizer
-
-    _tokenizer = Tokenizer.from_file(tokenizer_path)
-    _tokenizer.no_padding()
-    _tokenizer.no_truncation()
+    _load_tokenizer(tokenizer_path)
 
 
-def _encode(texts: list[str], eos_id: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def _encode(tok, texts: list[str], eos_id: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids of all documents, each + EOS; end offset of each document)."""
-    ids = [np.asarray(e.ids + [eos_id], dtype=dtype) for e in _tokenizer.encode_batch(texts)]
+    ids = [np.asarray(e.ids + [eos_id], dtype=dtype) for e in tok.encode_batch(texts)]
     ends = np.cumsum([len(x) for x in ids], dtype=np.int64)
     return (np.concatenate(ids) if ids else np.empty(0, dtype=dtype)), ends
 
@@ -118,15 +125,14 @@ def tokenize_piece(job: ShardJob, piece: Piece) -> dict:
     """Tokenise one piece into its shard files (in a worker); returns the shard's record."""
     if piece.texts is None:
         return finished(job.folder, piece.name)
-    if _tokenizer is None:
-        _init_worker(str(job.tokenizer_path))
+    tok = _load_tokenizer(str(job.tokenizer_path))
     val = [t for t in piece.texts if piece.held_out or doc_hash(t) < job.val_threshold]
     train = [t for t in piece.texts if not (piece.held_out or doc_hash(t) < job.val_threshold)]
-    tokens, ends = _encode(train, job.eos_id, job.dtype)
+    tokens, ends = _encode(tok, train, job.eos_id, job.dtype)
     base = job.folder / piece.name
     data = _save_npy(base.with_suffix(".tokens.npy"), tokens)
     _save_npy(base.with_suffix(".docs.npy"), ends)
-    val_ids, val_ends = _encode(val, job.eos_id, job.dtype)
+    val_ids, _ = _encode(tok, val, job.eos_id, job.dtype)
     _save_npy(base.with_suffix(".val.npy"), val_ids)
     record = {
         "name": piece.name,
@@ -190,7 +196,7 @@ def _pieces(spec: SourceSpec, ordinal: int, source: int, held_out: bool, shard_b
         return Piece(name, source, None if finished(folder, name) else texts, held_out)
 
     index, texts, size = 0, [], 0
-    for text in iter_texts(spec):
+    for text in iter_checked_texts(spec):
         texts.append(text)
         size += len(text.encode("utf-8"))
         if size >= shard_bytes:

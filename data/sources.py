@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,15 +150,25 @@ def _check_parquet(path: str, text_field: str) -> bool:
     return meta.metadata.num_rows > 0
 
 
-def check_files(spec: SourceSpec, report: ScanReport) -> list[str]:
-    """Read every file of a local source once; returns its non-empty files (empty ones are
-    counted in `report`). Malformed JSON and missing text fields raise ConfigError."""
+def _read_head(path: str, head_bytes: int | None) -> bytes:
+    """The file's bytes, or its first `head_bytes` cut after the last whole line."""
+    if head_bytes is None:
+        return Path(path).read_bytes()
+    with open(path, "rb") as f:
+        raw = f.read(head_bytes + 1)
+    return raw if len(raw) <= head_bytes else raw[: raw.rfind(b"\n", 0, head_bytes) + 1]
+
+
+def check_files(spec: SourceSpec, report: ScanReport, head_bytes: int | None = None) -> list[str]:
+    """Read every file of a local source once (or its first `head_bytes`); returns its non-empty
+    files (empty ones are counted in `report`). Malformed JSON and missing text fields raise
+    ConfigError."""
     keep = []
     for path in spec.files:
         if spec.format == "parquet":
             ok = _check_parquet(path, spec.text_field)
         else:
-            raw = Path(path).read_bytes()
+            raw = _read_head(path, head_bytes)
             ok = bool(raw.strip())
             if ok:
                 text = _decode(path, raw, report)
@@ -200,6 +211,21 @@ def _open_hub(spec: SourceSpec):
     except Exception as e:  # no network, unknown name, bad subset or split: one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"data.hf_dataset: cannot stream {spec.name!r} (split {spec.hf_split!r}): {msg}") from None
+
+
+def iter_checked_texts(spec: SourceSpec) -> Iterator[str]:
+    """iter_texts for a source whose files were checked only in part: a record that cannot be
+    read makes a full check find it, so the error names the file and line."""
+    # datasets logs the parse error itself before raising it; ours names the file and line instead
+    logging.getLogger("datasets.packaged_modules.json.json").disabled = True
+    try:
+        yield from iter_texts(spec)
+    except ConfigError:
+        raise
+    except Exception:
+        if spec.format != "hub":
+            check_files(spec, ScanReport())
+        raise
 
 
 def iter_texts(spec: SourceSpec, files: Sequence[str] | None = None) -> Iterator[str]:

@@ -259,3 +259,30 @@ def test_cli_workers_and_bad_workers(corpus, tmp_path):
     good = subprocess.run(run + ["--workers", "2"], capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
     assert "shards" in good.stdout and not list((tmp_path / "c").rglob("*.tmp*"))
+
+
+# ---- corpora larger than the tokenizer sample ------------------------------------------------
+
+
+def test_a_corpus_larger_than_the_sample_splits_by_hash_range(tmp_path):
+    docs = make_docs(60, "big", seed=27)
+    write_jsonl(tmp_path / "c" / "a.jsonl", docs)
+    cfg = shard_cfg(tmp_path, str(tmp_path / "c" / "*.jsonl"), tokenizer_sample_bytes=2000)
+    prepared = prepare_data(cfg, workers=1)
+    assert prepared.val_threshold == int(0.2 * 2**64)  # no pass over the corpus before the shards
+    tokens = np.concatenate(shard_arrays(prepared, "tokens")).tolist()
+    assert tokens == reference_ids(prepared, docs, held_out=False)
+    assert 0 < prepared.stats["val_documents"] < 60
+
+
+def test_a_bad_record_past_the_checked_head_is_named(tmp_path, monkeypatch):
+    import data.corpus
+
+    monkeypatch.setattr(data.corpus, "CHECK_HEAD_BYTES", 400)
+    path = write_jsonl(tmp_path / "c" / "a.jsonl", make_docs(30, "rec", seed=28))
+    with open(path, "a") as f:
+        f.write('{"text": "cut off\n')
+    lines = len(path.read_text().splitlines())
+    cfg = shard_cfg(tmp_path, str(path), tokenizer_sample_bytes=1000)
+    with pytest.raises(ValueError, match=f"{path}:{lines}: malformed JSON line"):
+        prepare_data(cfg, workers=1)
