@@ -26,17 +26,7 @@ import torch
 from kernels import BACKENDS, attention
 
 Tensor = torch.Tensor
-CASES = [
-    ("eager", "none"),
-    ("eager", "qkv"),
-    ("sdpa", "none"),
-    ("sdpa", "qkv"),
-    ("flash", "none"),
-    ("flash", "qkv"),
-    ("triton", "none"),
-    ("triton", "qkv"),
-    ("triton", "row"),
-]
+CASES = [(b, p) for b in ("eager", "sdpa", "flash", "triton") for p in ("none", "qkv")] + [("triton", "row")]
 
 
 @dataclass(frozen=True)

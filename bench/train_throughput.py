@@ -50,12 +50,13 @@ def build_ours(cfg):
 
 
 def build_reference(cfg, compiled: bool = False):
-    """LlamaForCausalLM with our dimensions (the exporter's config mapping for `none`)."""
+    """LlamaForCausalLM with our dimensions (the exporter's config mapping for `none`) and optimizer."""
     import dataclasses
 
     from transformers import LlamaForCausalLM
 
     from launcher.hf.convert import hf_config
+    from launcher.optim import build_optimizer
 
     m = cfg.model
     hf_cfg = hf_config(dataclasses.replace(m, precondition="none"), {}, torch.float32)
@@ -64,15 +65,7 @@ def build_reference(cfg, compiled: bool = False):
     model = LlamaForCausalLM(hf_cfg)
     if compiled:
         model.compile()
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.train.lr,
-        betas=(cfg.train.beta1, cfg.train.beta2),
-    )
+    opt = build_optimizer(model, cfg.train, torch.device("cpu"))  # ours: the same AdamW and param groups
     stream = RandomWindows(m.vocab_size, cfg.data.seq_len)
     bf16 = precision(cfg) == "bf16"
 

@@ -81,10 +81,8 @@ def _triton_missing(q: Tensor | None, device: torch.device) -> str | None:
     why = _import_error("kernels.triton_attention")
     if why:
         return f"the Triton kernel cannot be imported ({why}); pip install triton, or torch's CUDA wheel"
-    from kernels.triton_attention import SUPPORTED_DTYPES, unavailable_reason
+    from kernels.triton_attention import unavailable_reason
 
-    if q is not None and q.dtype not in SUPPORTED_DTYPES:
-        return f"the Triton kernel takes fp32, bf16 or fp16 tensors, got {q.dtype}"
     return unavailable_reason(q, device)
 
 

@@ -1,7 +1,8 @@
 """`triton_attention`: FlashAttention in Triton with the preconditioner fused (backend="triton").
 
 Legend: B batch, Hq query heads, Hkv key/value heads, T tokens, D head dim.
-Forward in kernels/triton_attention_fwd.py, backward in kernels/triton_attention_bwd.py.
+Forward in kernels/triton_attention_fwd.py, backward in kernels/triton_attention_bwd.py, the tile
+math both share in kernels/triton_tiles.py.
 Saved for backward: q, k, v as given, the output, the log-sum-exp (B*Hq, T) and, when o's rows are
 scaled, the output row scales (B*Hq, T); the q/k/v row scales are recomputed from the tiles.
 Runs on CUDA GPUs, or on the CPU when TRITON_INTERPRET=1 was set before this import (tests).
@@ -9,6 +10,7 @@ Runs on CUDA GPUs, or on the CPU when TRITON_INTERPRET=1 was set before this imp
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -37,7 +39,9 @@ _dq = triton.autotune(configs("dq", INTERPRET, AUTOTUNE), key=_KEY)(attn_bwd_dq_
 
 
 def unavailable_reason(q: Tensor | None = None, device: torch.device | None = None) -> str | None:
-    """Why the kernel cannot run on q's device (or `device`), None when it can."""
+    """Why the kernel cannot run on q (its dtype and device) or on `device`, None when it can."""
+    if q is not None and q.dtype not in SUPPORTED_DTYPES:
+        return f"the Triton kernel takes fp32, bf16 or fp16 tensors, got {q.dtype}"
     dev = q.device if q is not None else device
     if dev is None or INTERPRET:
         return None
@@ -67,15 +71,15 @@ def _flags(pre: Preconditioner) -> tuple[bool, bool, bool]:
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """What the kernel needs beyond attention()'s checks (heads) and resolve_backend's (device, dtype):
+    re-checked here because attention() caches the backend it resolved."""
     why = unavailable_reason(q)
     if why:
         raise ValueError(f"attention backend 'triton' is unavailable: {why}")
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"expected q (B, Hq, T, D), k and v (B, Hkv, T, D); got {tuple(q.shape)}, {tuple(k.shape)}")
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"the Triton kernel takes fp32, bf16 or fp16 q, k, v of one dtype; got {q.dtype}, {k.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"the Triton kernel takes q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] > 256:
         raise ValueError(f"head dim {q.shape[-1]} is too large for the Triton kernel (at most 256)")
 
@@ -103,10 +107,7 @@ def _forward(q, k, v, causal, pre_qk, pre_v, row, eps):
     lse = torch.empty(B * Hq, T, device=q.device, dtype=torch.float32)
     ro = torch.empty(B * Hq, T, device=q.device, dtype=torch.float32) if row else lse.new_empty(0)
     kw = _common(q, k, causal, pre_qk, pre_v)
-
-    def grid(meta):
-        return triton.cdiv(T, meta["BLOCK_M"]), B * Hq
-
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
     _fwd[grid](q, k, v, o, lse, ro, *_strides(q), *_strides(k), *_strides(v), *_strides(o), eps=eps, ROW=row, **kw)
     return o, lse, ro
 
@@ -155,7 +156,5 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, precondition: str, caus
     fp32/bf16/fp16, any T, D <= 256. Returns (B, Hq, T, D) in q's dtype; differentiable."""
     pre_qk, pre_v, row = _flags(get_preconditioner(precondition))
     _check(q, k, v)
-    if q.is_cuda and not INTERPRET:
-        with torch.cuda.device(q.device):
-            return _FusedAttention.apply(q, k, v, causal, pre_qk, pre_v, row, eps)
-    return _FusedAttention.apply(q, k, v, causal, pre_qk, pre_v, row, eps)
+    with torch.cuda.device(q.device) if q.is_cuda and not INTERPRET else contextlib.nullcontext():
+        return _FusedAttention.apply(q, k, v, causal, pre_qk, pre_v, row, eps)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.triton_tiles import dot_t, key_bounds, load_rows, program_rows, row_rscale, scaled_q, store_rows, visible
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, first = the default without autotuning.
 # fwd and dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0 (the causal diagonal).
 # Few on purpose: each is a compile (seconds). All compile for sm_90 (bf16 D=64/128, fp32 D=64).
@@ -33,12 +35,6 @@ def configs(kernel: str, interpret: bool, autotune: bool) -> list[triton.Config]
 
 
 @triton.jit
-def row_rscale(x, D: tl.constexpr, eps):
-    """1/rms of each row of an fp32 (rows, BLOCK_D) tile whose padded columns are zero."""
-    return tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-
-
-@triton.jit
 def _fwd_inner(
     acc_MD, l_M, m_M, qs_MD, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, eps,
     D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
@@ -46,24 +42,17 @@ def _fwd_inner(
 ):  # fmt: skip
     """Online softmax over key blocks [lo, hi); MASK applies the causal and tail masks."""
     offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d[None, :] < D
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_ok = (cols[:, None] < T) & d_ok
-        k_ND = tl.load(k_ptr + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_ok, other=0.0)
-        s_MN = tl.dot(qs_MD, tl.trans(k_ND), input_precision=PREC)
-        if PRE_QK:  # C_K as a column scale of S: the normalised k is never materialised
-            s_MN = s_MN * row_rscale(k_ND.to(tl.float32), D, eps)[None, :]
+        k_ND = load_rows(k_ptr, cols, stride_kt, offs_d, T, D)
+        s_MN = dot_t(qs_MD, k_ND, row_rscale(k_ND.to(tl.float32), D, eps)[None, :], PRE_QK, PREC)
         if MASK:
-            ok = cols[None, :] < T
-            if CAUSAL:
-                ok = ok & (cols[None, :] <= offs_m[:, None])
-            s_MN = tl.where(ok, s_MN, float("-inf"))
+            s_MN = visible(s_MN, offs_m[:, None], cols[None, :], T, float("-inf"), CAUSAL)
         m_new = tl.maximum(m_M, tl.max(s_MN, 1))
         p_MN = tl.math.exp2(s_MN - m_new[:, None])
         alpha = tl.math.exp2(m_M - m_new)
         l_M = l_M * alpha + tl.sum(p_MN, 1)
-        v_ND = tl.load(v_ptr + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
+        v_ND = load_rows(v_ptr, cols, stride_vt, offs_d, T, D)
         if PRE_V:  # C_V as a column scale of P (P C_V V = P (C_V V))
             p_MN = p_MN * row_rscale(v_ND.to(tl.float32), D, eps)[None, :]
         acc_MD = acc_MD * alpha[:, None] + tl.dot(p_MN.to(v_ND.dtype), v_ND, input_precision=PREC)
@@ -82,30 +71,16 @@ def attn_fwd_kernel(
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (batch, query head). Last-dim strides are 1.
     Writes O (B, Hq, T, D), LSE (B*Hq, T) fp32 log2-domain, RO (B*Hq, T) fp32 when ROW."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    hq = pid_bh % Hq
+    pid_bh, b, hq, offs_m = program_rows(Hq, BLOCK_M)
     hkv = hq // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
-    q_ok = row_ok[:, None] & (offs_d[None, :] < D)
-    q_MD = tl.load(Q + b * sq_b + hq * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=q_ok, other=0.0)
-    q_scale = tl.full([BLOCK_M], sm_scale * 1.4426950408889634, tl.float32)  # softmax scale and log2(e)
-    if PRE_QK:
-        q_scale = q_scale * row_rscale(q_MD.to(tl.float32), D, eps)
-    qs_MD = (q_MD.to(tl.float32) * q_scale[:, None]).to(Q.dtype.element_ty)
+    qs_MD = scaled_q(load_rows(Q + b * sq_b + hq * sq_h, offs_m, sq_t, offs_d, T, D), sm_scale, eps, D, PRE_QK)
 
     acc_MD = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_M = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_M = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if CAUSAL:  # blocks left of the diagonal need no mask; the diagonal block (and the tail) does
-        hi_full = pid_m * BLOCK_M
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
-    else:
-        hi_full = (T // BLOCK_N) * BLOCK_N
-        hi = T
+    hi_full, hi = key_bounds(T, BLOCK_M, BLOCK_N, CAUSAL)
     k_ptr = K + b * sk_b + hkv * sk_h
     v_ptr = V + b * sv_b + hkv * sv_h
     acc_MD, l_M, m_M = _fwd_inner(
@@ -123,5 +98,4 @@ def attn_fwd_kernel(
         o_MD = o_MD * ro_M[:, None]
         tl.store(RO + pid_bh * T + offs_m, ro_M, mask=row_ok)
     tl.store(LSE + pid_bh * T + offs_m, m_M + tl.math.log2(l_M), mask=row_ok)
-    o_ptr = O + b * so_b + hq * so_h + offs_m[:, None] * so_t + offs_d[None, :]
-    tl.store(o_ptr, o_MD.to(O.dtype.element_ty), mask=q_ok)
+    store_rows(O + b * so_b + hq * so_h, o_MD, offs_m, so_t, offs_d, T, D)

@@ -29,12 +29,20 @@ Tensor = torch.Tensor
 
 
 # ---- reporting ----------------------------------------------------------------------------
-def json_number(x: float) -> float | str:
-    return "inf" if math.isinf(x) else float(x)
+def kappa_fmt(x: float | None) -> str:
+    """A kappa in a table: 3 significant digits, "inf" when singular, "n/a" when missing."""
+    return "n/a" if x is None else ("inf" if math.isinf(x) else f"{x:.3g}")
 
 
-def _fmt(x: float) -> str:
-    return "inf" if math.isinf(x) else f"{x:.3g}"
+def jsonable(x):
+    """Infinity as the string "inf" (standard JSON has none; read_json reads it back); tuples as lists."""
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    return x
 
 
 def report(layers: list[dict], meta: dict) -> dict:
@@ -45,19 +53,19 @@ def report(layers: list[dict], meta: dict) -> dict:
     out["layers"] = [
         {
             "layer": i,
-            "heads": {n: [json_number(x) for x in h[n]] for n in PROBED},
-            "median_over_heads": {n: json_number(float(np.median(h[n]))) for n in PROBED},
+            "heads": {n: [float(x) for x in h[n]] for n in PROBED},
+            "median_over_heads": {n: float(np.median(h[n])) for n in PROBED},
         }
         for i, h in enumerate(layers)
     ]
-    return out
+    return jsonable(out)
 
 
 def table(layers: list[dict]) -> str:
     """A compact text table: one row per layer, median over heads."""
     rows = [f"{'layer':>5} " + " ".join(f"{n:>9}" for n in PROBED)]
     for i, h in enumerate(layers):
-        rows.append(f"{i:>5} " + " ".join(f"{_fmt(float(np.median(h[n]))):>9}" for n in PROBED))
+        rows.append(f"{i:>5} " + " ".join(f"{kappa_fmt(float(np.median(h[n]))):>9}" for n in PROBED))
     return "\n".join(rows)
 
 
@@ -124,27 +132,24 @@ def load_model(path: Path, untrained: bool = False) -> tuple[Transformer, ModelC
     return model.eval(), cfg.model, meta
 
 
-def _text_windows(text_file: Path, tokenizer_file: Path, seq_len: int) -> Tensor:
+def _text_windows(path: Path, tokenizer_file: Path, seq_len: int) -> Tensor:
+    """--text as windows (N, seq_len + 1); a file that is not UTF-8 text (say, gzip) is an error that names it."""
     from tokenizers import Tokenizer
 
     if not tokenizer_file.is_file():
         raise ConfigError(f"--text needs {tokenizer_file}; the model folder has no tokenizer")
-    ids = Tokenizer.from_file(str(tokenizer_file)).encode(read_text(text_file)).ids
-    n = len(ids) // (seq_len + 1)
-    if n == 0:
-        raise ConfigError(f"--text {text_file}: {len(ids)} tokens, fewer than one window of {seq_len + 1}")
-    return torch.tensor(ids[: n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
-
-
-def read_text(path: Path) -> str:
-    """The UTF-8 text of --text; a binary file (say, gzip) is an error that names it."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(
             f"--text {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); pass a plain text file"
         ) from None
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text).ids
+    n = len(ids) // (seq_len + 1)
+    if n == 0:
+        raise ConfigError(f"--text {path}: {len(ids)} tokens, fewer than one window of {seq_len + 1}")
+    return torch.tensor(ids[: n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
 
 
 def load_windows(args: argparse.Namespace, meta: dict, mcfg: ModelConfig) -> Tensor:

@@ -34,34 +34,19 @@ ROOT = Path(__file__).resolve().parent.parent
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launcher.experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, type=Path, help="the run config every variant trains with")
-    p.add_argument("--name", default=None, help="experiment name (default: the config's file name)")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's train.seed)")
+    p.add_argument("--name", help="experiment name (default: the config's file name)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the config's train.seed)")
     p.add_argument("--variants", default="none,qk,qkv,row", help="comma-separated preconditioners")
-    p.add_argument(
-        "--conditioning-interval",
-        type=int,
-        default=None,
-        help="in-training probe every K steps "
-        "(default: the config's log.conditioning_interval, or else train.eval_interval)",
-    )
-    p.add_argument(
-        "--target-loss",
-        type=float,
-        default=None,
-        help="for 'tokens to reach' (default: the "
-        "worst variant's mean final validation loss, which every variant reaches on average)",
-    )
+    interval = "(default: the config's log.conditioning_interval, or else train.eval_interval)"
+    p.add_argument("--conditioning-interval", type=int, help=f"in-training probe every K steps {interval}")
+    target = "(default: the worst variant's mean final validation loss, which every variant reaches on average)"
+    p.add_argument("--target-loss", type=float, help=f"for 'tokens to reach' {target}")
     p.add_argument("--probe-batch", type=int, default=8, help="validation windows for the before/after probe")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/experiments"), help="where the runs go")
     p.add_argument("--out-dir", type=Path, default=Path("docs/experiments"), help="where the report goes")
     p.add_argument("--report-only", action="store_true", help="do not train; report on the runs already there")
-    p.add_argument(
-        "--sweep",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=V1,V2",
-        help="sweep a key over values (repeatable; the points are the cross product)",
-    )
+    sweep = "sweep a key over values (repeatable; the points are the cross product)"
+    p.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2", help=sweep)
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     return p.parse_args(argv)
 
@@ -92,6 +77,7 @@ def check_args(args: argparse.Namespace):
 
 
 RUNNER_KEYS = ("model.precondition", "train.seed", "train.output_dir", "log.conditioning_interval", "log.progress")
+"""The keys the experiment sets for each run (train_command), in that order; a sweep may not set them."""
 
 
 def parse_sweep(spec: str) -> tuple[str, list[str]]:
@@ -156,8 +142,8 @@ def finished(run_dir: Path, max_steps: int) -> bool:
 
 
 def train_command(args: argparse.Namespace, variant: str, seed: int, run_dir: Path, point: list[str] = ()) -> list[str]:
-    ours = [f"model.precondition={variant}", f"train.seed={seed}", f"train.output_dir={run_dir}"]
-    ours += [f"log.conditioning_interval={args.conditioning_interval}", "log.progress=false"]
+    values = (variant, seed, run_dir, args.conditioning_interval, "false")
+    ours = [f"{key}={value}" for key, value in zip(RUNNER_KEYS, values, strict=True)]
     return [sys.executable, "-m", "launcher.train", "--config", str(args.config), *args.overrides, *point, *ours]
 
 

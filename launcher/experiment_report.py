@@ -13,6 +13,7 @@ import math
 import statistics
 from pathlib import Path
 
+from launcher.conditioning import jsonable, kappa_fmt
 from launcher.probe import PROBED
 
 
@@ -24,6 +25,15 @@ def summary(xs: list[float]) -> dict:
         return {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
     sd = statistics.stdev(xs) if len(xs) > 1 else None
     return {"mean": statistics.fmean(xs), "sd": sd, "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def final_loss(run: dict) -> float | None:
+    return run["evals"][-1][1] if run.get("evals") else None
+
+
+def common_tokens(runs) -> list[int]:
+    """The token counts at which every run was evaluated, ascending."""
+    return sorted(set.intersection(*(set(t for t, _ in r["evals"]) for r in runs)))
 
 
 def fmt_summary(s: dict, digits: int = 4) -> str:
@@ -58,10 +68,6 @@ def tokens_fmt(x: float) -> str:
     return f"{x:.0f}" if x < 1e4 else f"{x / 1e3:.0f}k" if x < 1e6 else f"{x / 1e6:.2f}M"
 
 
-def kappa_fmt(x) -> str:
-    return "n/a" if x is None else ("inf" if math.isinf(x) else f"{x:.3g}")
-
-
 def median(xs: list[float]) -> float | None:
     """Median that keeps infinities (a singular matrix is a result, not a gap)."""
     xs = sorted(x for x in xs if x is not None)
@@ -69,13 +75,18 @@ def median(xs: list[float]) -> float | None:
 
 
 # ---- tables ---------------------------------------------------------------------------------
+def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: the header, its rule, a line per row of cells."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def by_variant(args, results: dict) -> dict[str, list[dict]]:
     return {v: [results[v, s] for s in args.seeds] for v in args.variants}
 
 
 def fixed_tokens(results: dict) -> list[int]:
     """Up to three evaluation points every run shares (a quarter, half, three quarters in)."""
-    common = sorted(set.intersection(*(set(t for t, _ in r["evals"]) for r in results.values())))
+    common = common_tokens(results.values())
     inner = common[:-1]
     if len(inner) <= 3:
         return inner
@@ -86,10 +97,10 @@ def loss_table(args, results: dict, target: float) -> list[str]:
     points = fixed_tokens(results)
     head = ["variant", *[f"val loss @ {tokens_fmt(t)} tok" for t in points], "final val loss", "Δ final vs none"]
     head += [f"tokens to val {target:.3f}", "tokens/s (median)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = summary([r["evals"][-1][1] for r in by_variant(args, results).get("none", [])])
+    rows = []
+    base = summary([final_loss(r) for r in by_variant(args, results).get("none", [])])
     for v, runs in by_variant(args, results).items():
-        final = summary([r["evals"][-1][1] for r in runs])
+        final = summary([final_loss(r) for r in runs])
         cells = [f"`{v}`", *[fmt_summary(summary([val_at(r["evals"], t) for r in runs])) for t in points]]
         delta = final["mean"] - base["mean"] if base["n"] and final["n"] else None
         cells += [fmt_summary(final), "n/a" if delta is None else "-" if v == "none" else f"{delta:+.4f}"]
@@ -101,9 +112,8 @@ def loss_table(args, results: dict, target: float) -> list[str]:
             + (f" ({missed}/{len(runs)} never)" if missed else "")
         )
         tps = summary([r["tokens_per_sec"] for r in runs])
-        cells.append("n/a" if not tps["n"] else f"{tps['mean']:.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append([*cells, "n/a" if not tps["n"] else f"{tps['mean']:.0f}"])
+    return md_table(head, rows)
 
 
 def layer_kappa(runs: list[dict], which: str, layer: int, name: str) -> float | None:
@@ -115,21 +125,20 @@ def cond_table(args, results: dict) -> list[str]:
     """Per variant and layer: kappa before -> after training (median over heads, then seeds)."""
     head = ["variant", "layer", "O before", "O after", "O_plain after", "Q / Q_plain after", "K / K_plain after"]
     head += ["A after", "A_plain after"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for v, runs in by_variant(args, results).items():
         for i in range(max(len(r["cond_after"]) for r in runs)):
             after = {n: kappa_fmt(layer_kappa(runs, "cond_after", i, n)) for n in PROBED}
             cells = [f"`{v}`", str(i), kappa_fmt(layer_kappa(runs, "cond_before", i, "O")), after["O"]]
             cells += [after["O_plain"], f"{after['Q']} / {after['Q_plain']}", f"{after['K']} / {after['K_plain']}"]
-            cells += [after["A"], after["A_plain"]]
-            lines.append("| " + " | ".join(cells) + " |")
-    return lines
+            rows.append([*cells, after["A"], after["A_plain"]])
+    return md_table(head, rows)
 
 
 # ---- the verdict ----------------------------------------------------------------------------
 def verdict(args, results: dict) -> list[str]:
     """Which variant ended lowest, whether the gap beats the seed noise, what would settle it."""
-    finals = {v: summary([r["evals"][-1][1] for r in runs]) for v, runs in by_variant(args, results).items()}
+    finals = {v: summary([final_loss(r) for r in runs]) for v, runs in by_variant(args, results).items()}
     best = min(finals, key=lambda v: finals[v]["mean"])
     n = len(args.seeds)
     lines = [f"- Lowest mean final validation loss: `{best}` ({fmt_summary(finals[best])})."]
@@ -177,12 +186,8 @@ def conditioning_line(args, results: dict) -> str:
     for v, runs in by_variant(args, results).items():
         if v == "none":
             continue
-        ratios = [
-            r["cond_after"][i]["O_plain"] / r["cond_after"][i]["O"]
-            for r in runs
-            for i in range(len(r["cond_after"]))
-            if math.isfinite(r["cond_after"][i]["O"] or math.inf)
-        ]
+        layers = [layer for r in runs for layer in r["cond_after"]]
+        ratios = [layer["O_plain"] / layer["O"] for layer in layers if math.isfinite(layer["O"] or math.inf)]
         if ratios:
             parts.append(f"`{v}` {median(ratios):.2g}x")
     if not parts:
@@ -194,15 +199,27 @@ def conditioning_line(args, results: dict) -> str:
 
 
 # ---- plots ----------------------------------------------------------------------------------
-def plot_loss(args, results: dict, path: Path) -> None:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: PNG files, no display."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt
+
+
+def save_png(fig, path: Path) -> None:
+    """Lay the figure out, write it to `path` and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def plot_loss(args, results: dict, path: Path) -> None:
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for v, runs in by_variant(args, results).items():
-        tokens = sorted(set.intersection(*(set(t for t, _ in r["evals"]) for r in runs)))
+        tokens = common_tokens(runs)
         vals = [[dict(r["evals"])[t] for r in runs] for t in tokens]
         ax.plot(tokens, [statistics.fmean(x) for x in vals], marker="o", ms=3, label=v)
         ax.fill_between(tokens, [min(x) for x in vals], [max(x) for x in vals], alpha=0.2)
@@ -213,20 +230,13 @@ def plot_loss(args, results: dict, path: Path) -> None:
     )
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_conditioning(args, results: dict, path: Path) -> None:
     """Bars: kappa before/after training (median over layers and seeds); logged curves if any."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     logged = any(r["cond_logged"] for r in results.values())
-    fig, axes = plt.subplots(1, 2 if logged else 1, figsize=(13 if logged else 7, 4.5), squeeze=False)
+    fig, axes = pyplot().subplots(1, 2 if logged else 1, figsize=(13 if logged else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     bars = [("cond_before", "O"), ("cond_after", "O"), ("cond_after", "O_plain")]
     bars += [("cond_after", "A"), ("cond_after", "A_plain")]
@@ -243,9 +253,7 @@ def plot_conditioning(args, results: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     if logged:
         plot_logged(args, results, axes[0][1])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_logged(args, results: dict, ax) -> None:
@@ -260,8 +268,7 @@ def plot_logged(args, results: dict, ax) -> None:
                             per_step.setdefault(step, []).append(val)
             steps = sorted(per_step)
             if steps:
-                label = f"{v} {name}"
-                ax.plot(steps, [median(per_step[s]) for s in steps], style, color=f"C{c}", label=label)
+                ax.plot(steps, [median(per_step[s]) for s in steps], style, color=f"C{c}", label=f"{v} {name}")
     ax.set(yscale="log", xlabel="step", ylabel="kappa (median over layers, seeds)", title="during training")
     ax.legend(fontsize=7, ncol=2)
 
@@ -269,7 +276,7 @@ def plot_logged(args, results: dict, ax) -> None:
 # ---- the report -----------------------------------------------------------------------------
 def default_target(args, results: dict) -> float:
     """The worst variant's mean final validation loss: a level every variant reaches on average."""
-    return max(summary([r["evals"][-1][1] for r in runs])["mean"] for runs in by_variant(args, results).values())
+    return max(summary([final_loss(r) for r in runs])["mean"] for runs in by_variant(args, results).values())
 
 
 def setup_lines(cfg, args, command: str) -> list[str]:
@@ -285,15 +292,11 @@ def setup_lines(cfg, args, command: str) -> list[str]:
     ]
 
 
-def jsonable(x):
-    """Infinity as the string "inf" (standard JSON has none); tuples as lists."""
-    if isinstance(x, float) and math.isinf(x):
-        return "inf"
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [jsonable(v) for v in x]
-    return x
+def write_files(out: Path, lines: list[str], raw: dict) -> Path:
+    """README.md from the report's lines, results.json from the raw results by run name; returns out."""
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(jsonable(raw), indent=1) + "\n")
+    return out
 
 
 def write_report(out: Path, cfg, args, results: dict, command: str) -> Path:
@@ -314,18 +317,11 @@ def write_report(out: Path, cfg, args, results: dict, command: str) -> Path:
     ]
     lines += cond_table(args, results)
     lines += ["", "![condition numbers](conditioning.png)", "", "## What this shows", "", *verdict(args, results)]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
-    raw = {f"{v}-seed{s}": r for (v, s), r in results.items()}
-    (out / "results.json").write_text(json.dumps(jsonable(raw), indent=1) + "\n")
-    return out
+    return write_files(out, lines, {f"{v}-seed{s}": r for (v, s), r in results.items()})
 
 
 # ---- sweeps ---------------------------------------------------------------------------------
 SENSITIVITY_NATS = 0.1
-
-
-def final_loss(run: dict) -> float | None:
-    return run["evals"][-1][1] if run.get("evals") else None
 
 
 def diverged(run: dict) -> bool:
@@ -391,36 +387,28 @@ def width_text(args, names: list[str]) -> str:
 
 
 def sweep_table(args, finals: dict) -> list[str]:
-    head = ["point", *[f"`{v}`" for v in args.variants]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for p in args.points:
-        cells = [f"`{p['name']}`", *[finals_cell(finals[v][p["name"]]) for v in args.variants]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    rows = [[f"`{p['name']}`", *[finals_cell(finals[v][p["name"]]) for v in args.variants]] for p in args.points]
+    return md_table(["point", *[f"`{v}`" for v in args.variants]], rows)
 
 
 def best_table(args, finals: dict) -> list[str]:
     head = ["variant", "best point", "final val loss there", f"within {SENSITIVITY_NATS} nats of the best"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for v in args.variants:
         best = best_point(finals[v])
         loss = fmt_summary(finals[v][best]) if best else "n/a"
-        cells = [f"`{v}`", f"`{best}`" if best else "none (all diverged)", loss, width_text(args, near_best(finals[v]))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(
+            [f"`{v}`", f"`{best}`" if best else "none (all diverged)", loss, width_text(args, near_best(finals[v]))]
+        )
+    return md_table(head, rows)
 
 
 def plot_sweep(args, finals: dict, path: Path) -> None:
     """Final validation loss against the swept value, one line per variant, sd over seeds as bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     values = [sweep_value(p) for p in args.points]
     numeric = None not in values
     xs = values if numeric else list(range(len(args.points)))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for v in args.variants:
         ss = [finals[v][p["name"]] for p in args.points]
         ys = [s["mean"] if s["n"] else float("nan") for s in ss]
@@ -434,9 +422,7 @@ def plot_sweep(args, finals: dict, path: Path) -> None:
     ax.set(xlabel=label, ylabel="final validation loss", title=title)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_sweep_report(out: Path, cfg, args, results: dict, command: str) -> Path:
@@ -450,7 +436,4 @@ def write_sweep_report(out: Path, cfg, args, results: dict, command: str) -> Pat
     lines += ["## Best point and sensitivity", "", "The best point is the lowest mean final loss where no seed"]
     lines[-1] += f" diverged; the width is the range of points within {SENSITIVITY_NATS} nats of it."
     lines += ["", *best_table(args, finals)]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
-    raw = {f"{p}/{v}-seed{s}": r for (p, v, s), r in results.items()}
-    (out / "results.json").write_text(json.dumps(jsonable(raw), indent=1) + "\n")
-    return out
+    return write_files(out, lines, {f"{p}/{v}-seed{s}": r for (p, v, s), r in results.items()})

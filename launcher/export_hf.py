@@ -4,7 +4,8 @@
 
 Writes config.json, model.safetensors, generation_config.json, the tokenizer, a model card
 (README.md) and export.json (our marker) into a temporary folder beside --out, then
-renames it into place. An existing --out is replaced only when it is one of our exports.
+renames it into place (launcher.hf.files.staged_folder). An existing --out is replaced only
+when it is one of our exports.
 """
 
 from __future__ import annotations
@@ -82,19 +83,10 @@ def write_export(tmp: Path, run_dir: Path, cfg: RunConfig, ckpt, dtype_name: str
     files.write_marker(tmp, run_dir, ckpt, cfg.model.precondition, dtype_name)
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; a previous export is swapped out, then deleted."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype: str = "fp32") -> Path:
     """Export checkpoint `tag` of `run_dir` to `out` (default RUN_DIR/hf); returns the folder."""
     from launcher.hf.checkpoint import consolidate, resolve_tag
+    from launcher.hf.files import staged_folder
 
     out = out if out is not None else run_dir / "hf"
     cfg = load_run(run_dir)
@@ -103,15 +95,8 @@ def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype
     ckpt = consolidate(folder, cfg.model)
     if ckpt.val_loss is None:
         ckpt.val_loss = last_val_loss(run_dir, ckpt.step)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         write_export(tmp, run_dir, cfg, ckpt, dtype)
-        publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

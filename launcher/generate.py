@@ -11,28 +11,30 @@ stops at eos. Prints the prompt followed by its continuation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from data.config import ConfigError, run_main
+from data.config import ConfigError, field_docs, run_main
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-@dataclass
+@dataclasses.dataclass
 class Sampling:
-    """How to pick each next token."""
+    """How to pick each next token; each field is an option of the command (--max-new-tokens, ...)."""
 
     max_new_tokens: int = 100
+    """Tokens to generate at most."""
     temperature: float = 0.8
-    """0 = greedy."""
+    """Sampling temperature; 0 = greedy."""
     top_k: int = 50
-    """0 = no top-k filter."""
+    """Sample among the k likeliest tokens; 0 = off."""
     top_p: float = 1.0
-    """1 = no nucleus filter."""
+    """Nucleus sampling mass; 1 = off."""
     seed: int = 0
+    """Random seed of the sampler."""
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -45,27 +47,20 @@ class Sampling:
             raise ConfigError(f"--top-p {self.top_p}: expected 0 < p <= 1")
 
     def generate_kwargs(self) -> dict:
-        if self.temperature == 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {
-            "do_sample": True,
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_k": self.top_k or None,
-            "top_p": self.top_p,
-        }
+        """transformers' generate() arguments: greedy at temperature 0, else sampling with the filters."""
+        kwargs = {"do_sample": self.temperature > 0, "max_new_tokens": self.max_new_tokens}
+        if self.temperature > 0:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
+        return kwargs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    d = Sampling()
     p = argparse.ArgumentParser(prog="python -m launcher.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, type=Path, help="an export folder (python -m launcher.export_hf)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k likeliest tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass; 1 = off")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed of the sampler")
+    docs = field_docs(Sampling)
+    for f in dataclasses.fields(Sampling):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=docs[f.name])
     return p.parse_args(argv)
 
 
@@ -92,8 +87,6 @@ def check_model_dir(folder: Path) -> None:
 
 
 def load_tokenizer(folder: Path):
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"--model {folder}: no config.json; pass a folder written by launcher.export_hf")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trusted(folder))
@@ -139,7 +132,7 @@ def generate_ids(model, tokenizer, prompt: str, sampling: Sampling) -> list[int]
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    sampling = Sampling(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sampling)})
     sampling.check()
     if not args.prompt:
         raise ConfigError('--prompt "": empty; pass some text to continue, e.g. --prompt "Once upon a time"')

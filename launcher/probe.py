@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -86,37 +86,29 @@ def head_kappas(q: Tensor, k: Tensor, v: Tensor, precondition: str, eps: float) 
 
 
 # ---- capturing q, k, v from a model -------------------------------------------------------
-@contextlib.contextmanager
-def captured(module: torch.nn.Module) -> Iterator[dict[int, tuple[Tensor, ...]]]:
-    """Forward hooks on every HeadAttention of `module` (a Transformer or a DeepSpeed engine around
-    one); yields layer -> (q, k, v, o) filled by a forward pass; the hooks are removed after."""
+def capture_forward(module: torch.nn.Module, input_ids_BT: Tensor, autocast: Callable | None = None) -> dict:
+    """One forward pass of `module` (a Transformer or a DeepSpeed engine around one) with a forward
+    hook on every HeadAttention (no grad, eval mode; hooks removed and mode restored after);
+    returns layer -> (q, k, v, o). Every rank must call it under ZeRO-3 (parameters are gathered)."""
     store: dict[int, tuple[Tensor, ...]] = {}
     heads = [m for m in module.modules() if isinstance(m, HeadAttention)]
     if not heads:
         raise ValueError(f"{type(module).__name__} has no HeadAttention modules to probe")
 
-    def hook(layer: int) -> Callable:
+    def keep(layer: int) -> Callable:
         return lambda _module, qkv, o: store.__setitem__(layer, tuple(t.detach() for t in (*qkv, o)))
 
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(heads)]
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def capture_forward(module: torch.nn.Module, input_ids_BT: Tensor, autocast: Callable | None = None) -> dict:
-    """One forward pass with the hooks installed (no grad, eval mode, mode restored); returns
-    layer -> (q, k, v, o). Every rank must call it under ZeRO-3 (parameters are gathered)."""
+    handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(heads)]
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad(), captured(module) as store, autocast() if autocast else contextlib.nullcontext():
+        with torch.no_grad(), autocast() if autocast else contextlib.nullcontext():
             module(input_ids_BT)
     finally:
         module.train(was_training)
-    return dict(store)
+        for h in handles:
+            h.remove()
+    return store
 
 
 def layer_kappas(store: dict, cfg: ModelConfig) -> list[dict]:

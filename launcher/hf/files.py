@@ -4,9 +4,11 @@ copy of the tokenizer that training used, which the export reads its special tok
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,17 +24,28 @@ RUN_TOKENIZER_DIR = "tokenizer"
 """RUN_DIR/tokenizer/: the prepared tokenizer folder (tokenizer.json, tokenizer_config.json, ...)."""
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """An empty folder beside `out` to write into. When the block succeeds it takes the place of
+    `out` (a previous `out` is renamed aside, then deleted); when the block fails it is removed."""
+    tmp, old = (out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def keep_tokenizer(tokenizer_dir: Path, run_dir: Path) -> None:
     """Copy the prepared tokenizer folder to RUN_DIR/tokenizer/ and its tokenizer.json to
     RUN_DIR/tokenizer.json, each under a temporary name first, then renamed into place."""
-    tmp = run_dir / f".{RUN_TOKENIZER_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(tokenizer_dir, tmp)
-    old = run_dir / f".{RUN_TOKENIZER_DIR}.old-{os.getpid()}"
-    if (run_dir / RUN_TOKENIZER_DIR).exists():
-        (run_dir / RUN_TOKENIZER_DIR).rename(old)
-    tmp.rename(run_dir / RUN_TOKENIZER_DIR)
-    shutil.rmtree(old, ignore_errors=True)
+    with staged_folder(run_dir / RUN_TOKENIZER_DIR) as tmp:
+        shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
     shutil.copyfile(tokenizer_dir / "tokenizer.json", run_dir / "tokenizer.json.tmp")
     (run_dir / "tokenizer.json.tmp").replace(run_dir / "tokenizer.json")
 
