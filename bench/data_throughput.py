@@ -3,8 +3,9 @@
     python bench/data_throughput.py [--config configs/tiny.yaml] [--steps 30]
 
 Prints four tables (Markdown) for docs/benchmarks.md:
-1. data.prepare with 1, 2 and all cores as workers (a fresh cache, the config's tokenizer given
-   so that only the sharding pass and its sample read are timed): tokens/s.
+1. data.prepare of --copies copies of the corpus files with 1, 2 and all cores as workers (a
+   fresh cache, the config's tokenizer given, so that the file check, the sample read and the
+   sharding pass are timed, not the BPE): tokens/s.
 2. The shard loader on one core: windows/s and tokens/s per rank.
 3. The streamed path (data.loader=stream) on one core: tokens/s of tokenise + pack.
 4. The training step of the config's model fed by the prefetching shard loader, against the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,26 +39,24 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def sharding(cfg, prepared) -> str:
-    """data.prepare into a fresh cache with 1, 2 and all cores."""
+def sharding(cfg, prepared, copies: int) -> str:
+    """data.prepare of `copies` copies of the corpus's files into a fresh cache, with 1, 2 and all cores."""
     rows, base = [], None
-    for workers in sorted({1, 2, default_workers()}):
-        with tempfile.TemporaryDirectory() as tmp:
-            fresh = replace(cfg, cache_dir=tmp, tokenizer=str(prepared.tokenizer_path))
-            if not fresh.files and not fresh.hf_dataset:  # the default corpus: fetch it from the cache, not pip
-                fresh = replace(fresh, files=[str(p) for p in default_corpus_files(prepared)])
-            start = time.perf_counter()
-            done = prepare_data(fresh, workers=workers)
-            wall = time.perf_counter() - start
-        tokens = done.stats["train_tokens"] + done.stats["val_tokens"]
-        base = base or tokens / wall
-        rows.append([str(workers), str(len(done.shards)), f"{tokens:,}", f"{wall:.1f}", f"{tokens / wall:,.0f}"])
-        rows[-1].append(f"{tokens / wall / base:.2f}x")
+    with tempfile.TemporaryDirectory() as corpus:
+        for i in range(copies):
+            for f in (f for s in prepared.sources for f in s.files):
+                shutil.copy(f, Path(corpus) / f"{i}_{Path(f).name}")
+        for workers in sorted({1, 2, default_workers()}):
+            with tempfile.TemporaryDirectory() as tmp:
+                fresh = replace(cfg, files=[f"{corpus}/*"], cache_dir=tmp, tokenizer=str(prepared.tokenizer_path))
+                start = time.perf_counter()
+                done = prepare_data(fresh, workers=workers)
+                wall = time.perf_counter() - start
+            tokens = done.stats["train_tokens"] + done.stats["val_tokens"]
+            base = base or tokens / wall
+            rows.append([str(workers), str(len(done.shards)), f"{tokens:,}", f"{wall:.1f}", f"{tokens / wall:,.0f}"])
+            rows[-1].append(f"{tokens / wall / base:.2f}x")
     return table(["workers", "shards", "tokens", "wall s", "tokens/s", "vs 1 worker"], rows)
-
-
-def default_corpus_files(prepared) -> list[Path]:
-    return [Path(f) for s in prepared.sources for f in s.files]
 
 
 def loader_rate(prepared, batch: int, seconds: float = 3.0) -> str:
@@ -66,7 +66,8 @@ def loader_rate(prepared, batch: int, seconds: float = 3.0) -> str:
         n += loader.next_batch(batch).shape[0]
     wall = time.perf_counter() - start
     tokens = n * (prepared.seq_len + 1)
-    return table(["loader", "batch", "windows/s", "tokens/s"], [["shards", str(batch), f"{n / wall:,.0f}", f"{tokens / wall:,.0f}"]])
+    row = ["shards", str(batch), f"{n / wall:,.0f}", f"{tokens / wall:,.0f}"]
+    return table(["loader", "batch", "windows/s", "tokens/s"], [row])
 
 
 def stream_rate(prepared, batch: int, n_tokens: int = 2_000_000) -> str:
@@ -74,7 +75,8 @@ def stream_rate(prepared, batch: int, n_tokens: int = 2_000_000) -> str:
     while done < n_tokens:
         done += stream.next_batch(batch).numel()
     wall = time.perf_counter() - start
-    return table(["loader", "batch", "tokens", "tokens/s"], [["stream", str(batch), f"{done:,}", f"{done / wall:,.0f}"]])
+    row = ["stream", str(batch), f"{done:,}", f"{done / wall:,.0f}"]
+    return table(["loader", "batch", "tokens", "tokens/s"], [row])
 
 
 def step_times(cfg, prepared, steps: int, rounds: int = 5) -> str:
@@ -115,11 +117,13 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=30, help="steps per round of the training-step comparison")
     parser.add_argument("--shard-bytes", type=int, default=1 << 20, help="data.shard_bytes for the sharding table")
+    parser.add_argument("--copies", type=int, default=4, help="copies of the corpus files the sharding table reads")
     args = parser.parse_args()
     cfg = load_run_config(args.config, [])
     prepared = prepare_data(cfg.data, progress=True)
     torch.set_num_threads(1)
-    print("## sharding (data.prepare, tokenizer given)\n" + sharding(replace(cfg.data, shard_bytes=args.shard_bytes), prepared))
+    shards = sharding(replace(cfg.data, shard_bytes=args.shard_bytes), prepared, args.copies)
+    print("## sharding (data.prepare, tokenizer given)\n" + shards, flush=True)
     print("\n## shard loader, one core\n" + loader_rate(prepared, cfg.train.micro_batch_size))
     print("\n## streamed path, one core\n" + stream_rate(prepared, cfg.train.micro_batch_size))
     torch.set_num_threads(cfg.train.threads or default_workers())

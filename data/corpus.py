@@ -155,7 +155,7 @@ class CorpusPass:
                 self._count("train", batch, tok)
                 batch = []
         self._count("train", batch, tok)
-        return self._pack((self._count("val", [t], tok)[0] + [eos_id] for t in self.val_texts()))
+        return self._pack(self._count("val", [t], tok)[0] + [eos_id] for t in self.val_texts())
 
     def count_shards(self, shards: list[dict], folder: Path) -> np.ndarray:
         """Take the counts from the sharding pass's records; returns the validation windows

@@ -171,7 +171,9 @@ def _build(
         shard_dir = manifest.with_suffix(".shards")
         job = ShardJob(shard_dir, tok_path, eos_id, corpus.val_threshold, token_dtype(vocab_size).name)
         workers = min(workers, corpus.useful_workers(cfg.shard_bytes))
-        shards = ShardWriter(job, workers, cfg.shard_bytes, cfg.max_tokens, progress).run(corpus.specs, corpus.val_specs)
+        shards = ShardWriter(job, workers, cfg.shard_bytes, cfg.max_tokens, progress).run(
+            corpus.specs, corpus.val_specs
+        )
         val = corpus.count_shards(shards, shard_dir)
     else:
         val = corpus.count_and_pack(tok, eos_id)
@@ -242,9 +244,7 @@ def main(argv=None) -> int:
         {"data": DataConfig},
     )
     parser.add_argument("--config", required=True, help="a run YAML (its data and model sections are read)")
-    parser.add_argument(
-        "--workers", type=int, default=None, help="processes that tokenise shards (default: all cores)"
-    )
+    parser.add_argument("--workers", type=int, default=None, help="processes that tokenise shards (default: all cores)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.vocab_size=2048")
     args = parser.parse_args(argv)
     raw = load_yaml(args.config, args.overrides)

@@ -4,10 +4,12 @@ RUN_DIR/checkpoints/<tag>/ is written by engine.save_checkpoint on every rank; o
 rank has finished, rank 0 records the files and their sizes in <tag>/checkpoint.json and then
 moves `latest` (atomically), so a crash during a save leaves `latest` on the last complete
 checkpoint. Before a resume loads anything, `check_resume` verifies the checkpoint against
-that record and the run's world size and ZeRO stage. The client
-state holds the step, tokens seen, the last validation loss, every rank's data-pipeline
-and RNG state (gathered, because ZeRO-1/2 keep only rank 0's client state), and
-`universal_checkpoint_info` so DeepSpeed's ds_to_universal can reshape the run later.
+that record and the run's ZeRO stage, and `plan_resume` decides how it loads on this world
+size. The client state holds the step, tokens seen, the last validation loss, the global
+batch, every rank's data-pipeline and RNG state (gathered, because ZeRO-1/2 keep only rank
+0's client state), and `universal_checkpoint_info` so DeepSpeed's ds_to_universal can
+reshape the run: a ZeRO-1/2/3 checkpoint resumed on another number of ranks is converted
+once into <tag>_universal/ beside it (ZeRO-0 checkpoints hold whole states and load as they are).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import random
 import re
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from launcher import faults
 
 MANIFEST = "checkpoint.json"
 TAG_PATTERN = re.compile(r"global_step(\d+)")
+UNIVERSAL_SUFFIX = "_universal"
 
 
 def tag_for(step: int) -> str:
@@ -63,9 +67,14 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, data_state: dict
     )
 
     tag = tag_for(step)
+    if dist.rank() == 0:  # a crashed save's leftovers (maybe from another world size) must not mix in
+        for stale in (ckpt_dir / tag, ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
     state = dict(client_state)
     state["step"] = step
     state["world_size"] = dist.world_size()
+    state["global_batch"] = engine.train_batch_size()  # windows per step: micro x grad_accum x W
     state["data_states"] = dist.gather_objects(data_state)
     state["rng_states"] = dist.gather_objects(rng_state())
     state[UNIVERSAL_CHECKPOINT_INFO] = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
@@ -74,7 +83,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, data_state: dict
     faults.maybe_kill("sigkill-save", step, dist.rank())
     dist.barrier()
     if dist.rank() == 0:
-        write_manifest(ckpt_dir / tag, step, dist.world_size(), engine.zero_optimization_stage())
+        write_manifest(ckpt_dir / tag, step, dist.world_size(), engine.zero_optimization_stage(), state["global_batch"])
         _write_atomic(ckpt_dir / "latest", tag)
         prune(ckpt_dir, keep_last)
     dist.barrier()
@@ -87,11 +96,12 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def write_manifest(folder: Path, step: int, world_size: int, zero_stage: int) -> None:
-    """Record what a complete checkpoint holds: every file with its size, and the world size and
-    ZeRO stage that wrote it."""
+def write_manifest(folder: Path, step: int, world_size: int, zero_stage: int, global_batch: int) -> None:
+    """Record what a complete checkpoint holds: every file with its size, and the world size, ZeRO
+    stage and global batch (windows per step) that wrote it."""
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    record = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
+    record = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "global_batch": global_batch}
+    record["files"] = files
     _write_atomic(folder / MANIFEST, json.dumps(record, indent=1) + "\n")
 
 
@@ -130,9 +140,10 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return [p.name for p in tags if damage(p) is None]
 
 
-def check_resume(ckpt_dir: Path, world_size: int, zero_stage: int) -> str | None:
+def check_resume(ckpt_dir: Path, zero_stage: int) -> str | None:
     """The tag a run in `ckpt_dir` resumes from (None for a fresh run), after checking, before
-    anything is loaded or written, that it can: a ConfigError says what is wrong and what to do."""
+    anything is loaded or written, that it can: a ConfigError says what is wrong and what to do.
+    The world size is checked by `plan_resume`, once the data pipeline is known."""
     latest = ckpt_dir / "latest"
     if not latest.is_file():
         return None
@@ -149,18 +160,114 @@ def check_resume(ckpt_dir: Path, world_size: int, zero_stage: int) -> str | None
         newest = f"write {whole[-1]} (the newest complete checkpoint) into {latest}" if whole else None
         todo = newest or f"remove {latest} to start afresh"
         raise ConfigError(f"{problem}; {todo}")
-    record = read_manifest(ckpt_dir / tag) or {}
-    saved_ws, saved_stage = record.get("world_size", world_size), record.get("zero_stage", zero_stage)
-    if saved_ws != world_size:
-        raise ConfigError(
-            f"{ckpt_dir / tag}: written by {saved_ws} ranks, resuming with {world_size}; "
-            f"resume with {saved_ws} ranks (or use a new train.output_dir)"
-        )
+    saved_stage = (read_manifest(ckpt_dir / tag) or {}).get("zero_stage", zero_stage)
     if saved_stage != zero_stage:
         raise ConfigError(
             f"{ckpt_dir / tag}: written under ZeRO stage {saved_stage}; resume with deepspeed.zero_stage={saved_stage}"
         )
     return tag
+
+
+def ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
+
+
+@dataclass(frozen=True)
+class Resume:
+    """How a run resumes from checkpoint `tag` on this world size."""
+
+    tag: str
+    saved_world_size: int
+    world_size: int
+    elastic: bool  # the data state is the same on every rank and for every world size
+    universal: bool  # ZeRO-1/2/3 on another world size: load DeepSpeed's universal copy
+    saved_global_batch: int | None  # windows per step when written (None: an older checkpoint)
+
+    def global_batch_warning(self, global_batch: int) -> str | None:
+        """One line when this run's windows per step differ from the checkpoint's, else None."""
+        if self.saved_global_batch in (None, global_batch):
+            return None
+        return (
+            f"warning: resuming {self.tag}: the global batch changed from {self.saved_global_batch} to "
+            f"{global_batch} windows per step (micro_batch_size x grad_accum x ranks); training continues"
+        )
+
+
+def plan_resume(ckpt_dir: Path, tag: str, world_size: int, zero_stage: int, elastic: bool) -> Resume:
+    """How checkpoint `tag` (checked by check_resume) loads on `world_size` ranks; a ConfigError,
+    before anything is loaded or written, when the data pipeline cannot follow another world size."""
+    record = read_manifest(ckpt_dir / tag) or {}
+    saved = record.get("world_size", world_size)
+    if saved != world_size and not elastic:
+        raise ConfigError(
+            f"{ckpt_dir / tag}: written by {ranks(saved)}, resuming with {world_size}; a streamed run "
+            f"(data.loader=stream) resumes only on {ranks(saved)}; use data.loader=shards to change the number of ranks"
+        )
+    universal = saved != world_size and zero_stage > 0
+    return Resume(tag, saved, world_size, elastic, universal, record.get("global_batch"))
+
+
+def universal_copy(ckpt_dir: Path, tag: str) -> tuple[Path, bool]:
+    """Collective. The universal copy of checkpoint `tag`, <tag>_universal beside it, made by
+    rank 0 on first use while the others wait; returns its path and whether this call made it."""
+    out = ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"
+    made, error = False, None
+    if dist.rank() == 0 and not out.is_dir():
+        made, error = True, convert_to_universal(ckpt_dir / tag, out)
+    error = dist.gather_objects(error)[0]  # the other ranks wait here for rank 0's conversion
+    if error:
+        raise ConfigError(
+            f"{ckpt_dir / tag}: conversion to a universal checkpoint failed ({error}); "
+            "resume on the number of ranks that wrote it"
+        )
+    return out, made
+
+
+def convert_to_universal(folder: Path, out: Path) -> str | None:
+    """DeepSpeed's ds_to_universal from `folder` into `out`, written under a temporary name and
+    then renamed, so a crash leaves no half-made `out`. Returns the error in one line, or None."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = out.with_name(out.name + ".tmp")  # ds_to_universal also writes latest_universal beside its output
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(folder),
+        output_folder=str(tmp / out.name),
+        num_extract_workers=1,  # in this process: worker processes would each import torch again
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal.main(args)
+    except Exception as e:  # noqa: BLE001 - reported on every rank instead of leaving the others waiting
+        shutil.rmtree(tmp, ignore_errors=True)
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    (tmp / out.name).rename(out)
+    shutil.rmtree(tmp)
+    return None
+
+
+def repair_zero3_universal_load(engine, folder: Path) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal load (`folder`) gives every param group the
+    hyperparameters of group 0 (weight decay on norms too) and one shared `step` tensor, which
+    AdamW then advances once per group: give each group its own of both back."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS
+
+    saved = torch.load(folder / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    optimizer = engine.optimizer.optimizer
+    saved_groups = saved[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
+    for group, saved_group in zip(optimizer.param_groups, saved_groups, strict=True):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for state in optimizer.state.values():  # ZeRO-3 keeps the groups' params lists empty between steps
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -172,15 +279,29 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
     )
     for p in tags[:-keep_last]:
         if p.name != keep:
-            shutil.rmtree(p, ignore_errors=True)
+            for folder in (p, ckpt_dir / f"{p.name}{UNIVERSAL_SUFFIX}", ckpt_dir / f"{p.name}{UNIVERSAL_SUFFIX}.tmp"):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> dict:
-    """Load checkpoint `tag` (checked by check_resume); returns our client state with this
-    rank's data and RNG state under "data_state"."""
-    path, state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None or state is None:
+def load(engine, ckpt_dir: Path, resume: Resume) -> dict:
+    """Load the checkpoint `resume` names (through its universal copy on another world size:
+    the engine must then be built with checkpoint.load_universal); returns our client state with
+    this rank's data state under "data_state", and sets this rank's RNG state."""
+    tag, note = resume.tag, "ZeRO stage 0 keeps whole states, loaded as written"
+    if resume.universal:
+        path, made = universal_copy(ckpt_dir, tag)
+        tag, note = path.name, f"{'converted to' if made else 'using'} a universal checkpoint at {path}"
+    loaded, state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if loaded is None or state is None:
         raise ConfigError(f"{ckpt_dir / tag}: checkpoint could not be loaded; name another tag in {ckpt_dir}/latest")
-    state["data_state"] = state["data_states"][dist.rank()]
-    set_rng_state(state["rng_states"][dist.rank()])
+    if resume.universal and engine.zero_optimization_stage() == 3:
+        repair_zero3_universal_load(engine, ckpt_dir / tag)
+    if resume.saved_world_size != resume.world_size and dist.rank() == 0:
+        saved, now = ranks(resume.saved_world_size), ranks(resume.world_size)
+        print(f"resuming {resume.tag} written by {saved} on {now}: {note}", flush=True)
+    r, rng_states = dist.rank(), state["rng_states"]
+    state["data_state"] = state["data_states"][0 if resume.elastic else r]
+    # A rank the checkpoint did not have starts from rank 0's RNG state: the model has no dropout,
+    # so no random draw during training depends on it.
+    set_rng_state(rng_states[r] if r < len(rng_states) else rng_states[0])
     return state

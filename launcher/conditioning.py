@@ -121,8 +121,8 @@ def load_model(path: Path, untrained: bool = False) -> tuple[Transformer, ModelC
         )
     cfg = load_run_config(path / "config.yaml")
     cfg.model.attn_backend = "auto"  # the probe may run where the run's kernel does not
-    torch.manual_seed(cfg.train.seed)  # --untrained: the trainer's init, seed for seed
     model = Transformer(cfg.model)
+    model.init_weights(cfg.train.seed)  # --untrained: the trainer's init, seed for seed
     meta = {"model": str(path), "kind": "run", "precondition": cfg.model.precondition, "run_config": cfg}
     if untrained:
         meta["step"] = 0

@@ -40,7 +40,8 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     precision: str = "auto"
     """auto (bf16 where the hardware computes it natively: CUDA GPUs with bf16, CPUs with
-    AVX512-BF16/AMX; fp32 elsewhere), fp32, or bf16 (autocast over fp32 weights)."""
+    AVX512-BF16/AMX; fp32 elsewhere), fp32, or bf16 (DeepSpeed's bf16 mode: bf16 weights,
+    gradients and collectives, fp32 master weights and optimizer state)."""
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr: float = 3e-4
@@ -67,18 +68,17 @@ class TrainConfig:
     """The run directory: config, checkpoints, tensorboard, metrics.jsonl, hf export."""
     threads: int = 0
     """CPU threads per rank (0 = cores / local ranks)."""
-    batch_order: str = "rank"
-    """rank: each rank streams its own documents (scales); global: every rank reads the whole
-    stream and takes its slice of each global batch, so batches do not depend on the world size."""
     dist_timeout: int = 600
     """Seconds a collective may wait before the job fails (a dead rank must not hang the rest)."""
     compile: bool = False
     """torch.compile the model through DeepSpeed (inductor): about 1.3x faster steps after a
     compile of about a minute on CPU; pays off on long runs."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping
+    them (torch.utils.checkpoint, non-reentrant): less memory for about one more forward pass."""
 
     def __post_init__(self) -> None:
         check_choice("train", "precision", self.precision, PRECISIONS)
-        check_choice("train", "batch_order", self.batch_order, ("rank", "global"))
         check_range("train", "dist_timeout", self.dist_timeout, self.dist_timeout >= 10, "an int >= 10 (seconds)")
         for key in ("max_steps", "micro_batch_size", "grad_accum", "keep_last"):
             check_range("train", key, getattr(self, key), getattr(self, key) >= 1, "a positive int")

@@ -8,20 +8,43 @@ from pathlib import Path
 from data.config import ConfigError
 from launcher.config import RunConfig
 
+# ZeRO-3 settings a user JSON may override. DeepSpeed steps the fp32 partition in sub-groups
+# of this many elements, so AdamW's temporaries stay that small: the 350M model peaked at 5.7
+# GiB per CPU rank with DeepSpeed's default of 1e9 and at 4.3 GiB with 5e7 (2 ranks, bf16;
+# bench/scale_check.py, docs/benchmarks.md)
+ZERO3_DEFAULTS = {"sub_group_size": 50_000_000}
 
-def generated_ds_config(cfg: RunConfig, world_size: int) -> dict:
-    """Batch sizes, clipping and the ZeRO stage. Precision is torch autocast around the
-    forward pass (weights and optimizer state stay fp32), so DeepSpeed runs in fp32 mode."""
+
+def deepspeed_clips(cfg: RunConfig, precision: str) -> bool:
+    """True when DeepSpeed wraps the optimizer (ZeRO, or bf16 mode's fp32 master weights), so
+    it clips and reports the gradient norm; a plain fp32 optimizer without ZeRO does neither."""
+    return cfg.deepspeed.zero_stage > 0 or precision == "bf16"
+
+
+def precision_config(cfg: RunConfig, precision: str) -> dict:
+    """bf16: DeepSpeed's bf16 mode (bf16 parameters, gradients and collectives; fp32 master
+    weights and optimizer state). ZeRO 1-3 accumulate gradients in fp32; without ZeRO,
+    DeepSpeed 0.19.8 refuses bf16 parameters with fp32 accumulation ("unsupported mix"), so
+    ZeRO-0 accumulates in bf16 (its fp32 master weights still take every update)."""
+    bf16 = precision == "bf16"
+    out = {"bf16": {"enabled": bf16}, "fp16": {"enabled": False}}
+    if bf16 and cfg.deepspeed.zero_stage > 0:
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+    return out
+
+
+def generated_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict:
+    """Batch sizes, clipping, the ZeRO stage and the precision mode (`precision` is the resolved
+    train.precision: fp32 or bf16)."""
     t = cfg.train
     return {
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        # without ZeRO the trainer clips itself, to measure the norm DeepSpeed does not report
-        "gradient_clipping": t.grad_clip if cfg.deepspeed.zero_stage else 0.0,
+        # when DeepSpeed does not clip, the trainer does, to measure the norm DeepSpeed would not report
+        "gradient_clipping": t.grad_clip if deepspeed_clips(cfg, precision) else 0.0,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
+        **precision_config(cfg, precision),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -45,11 +68,23 @@ def merge_user_config(ours: dict, user: dict, path: str, prefix: str = "") -> di
     return out
 
 
-def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
-    ours = generated_ds_config(cfg, world_size)
-    if not cfg.deepspeed.config:
-        return ours
-    path = Path(cfg.deepspeed.config)
+def build_ds_config(cfg: RunConfig, world_size: int, precision: str, load_universal: bool = False) -> dict:
+    """Ours plus the user's JSON; `precision` the resolved train.precision (fp32 or bf16);
+    `load_universal` for a resume through a universal checkpoint."""
+    ours = generated_ds_config(cfg, world_size, precision)
+    if load_universal:
+        ours["checkpoint"] = {"load_universal": True}
+    merged = merge_user_config(ours, read_user_config(cfg.deepspeed.config), cfg.deepspeed.config)
+    if cfg.deepspeed.zero_stage == 3:
+        merged["zero_optimization"] = {**ZERO3_DEFAULTS, **merged["zero_optimization"]}
+    return merged
+
+
+def read_user_config(path_text: str) -> dict:
+    """deepspeed.config's JSON object ({} when the key is empty)."""
+    if not path_text:
+        return {}
+    path = Path(path_text)
     if not path.is_file():
         raise ConfigError(f"deepspeed.config: {path} does not exist; give a DeepSpeed JSON file or leave it empty")
     try:
@@ -58,4 +93,4 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
         raise ConfigError(f"deepspeed.config {path}: not valid JSON ({e})") from None
     if not isinstance(user, dict):
         raise ConfigError(f"deepspeed.config {path}: expected a JSON object")
-    return merge_user_config(ours, user, str(path))
+    return user

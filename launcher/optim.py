@@ -10,14 +10,21 @@ from torch import nn
 from launcher.config import TrainConfig
 
 
+def param_groups(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(name, parameter) of the matrices (weight decay) and of the other parameters (none), each
+    in named_parameters order, a tied parameter once: the optimizer's two param groups."""
+    # a parameter built under ZeRO-3's zero.Init is an empty 1-d tensor; ds_shape is its real shape
+    is_matrix = lambda p: len(getattr(p, "ds_shape", p.shape)) >= 2
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [(n, p) for n, p in named if is_matrix(p)], [(n, p) for n, p in named if not is_matrix(p)]
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """torch AdamW (fused on CUDA): matrices decay, norms and other vectors do not."""
-    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay, no_decay = param_groups(model)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in no_decay], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device.type == "cuda" or None

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import TokenStream, prepare_data, validation_windows
+from data import prepare_data, training_batches, validation_windows
 from kernels import resolve_backend
-from launcher import checkpoint, faults
+from launcher import checkpoint, faults, memory
 from launcher import distributed as dist
 from launcher.config import RunConfig, save_run_config
-from launcher.ds_config import build_ds_config
+from launcher.ds_config import build_ds_config, deepspeed_clips
 from launcher.hf.files import keep_tokenizer
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer, build_scheduler
@@ -42,24 +42,6 @@ def peak_flops(device: torch.device, precision: str) -> float:
     return PEAK_FLOPS[f"cpu-{precision}"]
 
 
-class GlobalOrderStream:
-    """train.batch_order=global: every rank reads the whole stream and keeps its slice of
-    each global batch, so batches do not depend on the world size (costs W x tokenising)."""
-
-    def __init__(self, prepared, seed: int):
-        self.stream = TokenStream(prepared, rank=0, world_size=1, seed=seed)
-
-    def next_batch(self, B: int) -> torch.Tensor:
-        W, r = dist.world_size(), dist.rank()
-        return self.stream.next_batch(B * W)[r * B : (r + 1) * B]
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, stop: StopRequest):
         self.cfg = cfg
@@ -70,6 +52,7 @@ class Trainer:
         self.stop_requested = False
         self.grad_norm = None
         self.step_lr = None
+        self.resume: checkpoint.Resume | None = None  # set by setup() when a checkpoint is resumed
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = self.device or torch.device("cpu")
         self.precision_choice = resolve_precision(cfg.train.precision, self.device)
@@ -78,8 +61,7 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        resume_tag = checkpoint.check_resume(self.ckpt_dir, dist.world_size(), cfg.deepspeed.zero_stage)
-        self._prepare_run_dir()
+        resume_tag = checkpoint.check_resume(self.ckpt_dir, cfg.deepspeed.zero_stage)
         if self.is_main:
             self.prepared = prepare_data(
                 cfg.data, model_vocab_size=cfg.model.vocab_size, model_max_seq_len=cfg.model.max_seq_len
@@ -89,22 +71,37 @@ class Trainer:
             self.prepared = prepare_data(
                 cfg.data, model_vocab_size=cfg.model.vocab_size, model_max_seq_len=cfg.model.max_seq_len, progress=False
             )
+        self.stream = training_batches(
+            self.prepared,
+            rank=dist.rank(),
+            world_size=dist.world_size(),
+            seed=cfg.train.seed,
+            batch_size=cfg.train.micro_batch_size,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.resume = self._plan_resume(resume_tag) if resume_tag else None
+        self._prepare_run_dir()
         if self.is_main:
             keep_tokenizer(self.prepared.tokenizer_dir, self.run_dir)
-        if cfg.train.batch_order == "global":
-            self.stream = GlobalOrderStream(self.prepared, cfg.train.seed)
-        else:
-            self.stream = TokenStream(
-                self.prepared, rank=dist.rank(), world_size=dist.world_size(), seed=cfg.train.seed
-            )
         self.val = validation_windows(self.prepared)
         self._build_engine()
-        state = checkpoint.load(self.engine, self.ckpt_dir, resume_tag) if resume_tag else None
+        state = checkpoint.load(self.engine, self.ckpt_dir, self.resume) if self.resume else None
         self.step, self.tokens, self.val_loss = 0, 0, None
         if state is not None:
             self.step, self.tokens, self.val_loss = state["step"], state["tokens"], state.get("val_loss")
             self.stream.load_state_dict(state["data_state"])
         self.resumed = state is not None
+
+    def _plan_resume(self, tag: str) -> checkpoint.Resume:
+        """Check, before anything is written, that checkpoint `tag` resumes on this world size
+        with this data pipeline; rank 0 warns when the global batch changed."""
+        t = self.cfg.train
+        elastic = getattr(self.stream, "elastic", False)  # its state is the same on every rank and world size
+        resume = checkpoint.plan_resume(self.ckpt_dir, tag, dist.world_size(), self.cfg.deepspeed.zero_stage, elastic)
+        warning = resume.global_batch_warning(t.micro_batch_size * t.grad_accum * dist.world_size())
+        if warning and self.is_main:
+            print(warning, file=sys.stderr, flush=True)
+        return resume
 
     def _prepare_run_dir(self) -> None:
         """Create the run dir and save the resolved config (launcher.train has checked that a
@@ -117,39 +114,52 @@ class Trainer:
     def _build_engine(self) -> None:
         import deepspeed
 
-        torch.manual_seed(self.cfg.train.seed)
-        model = Transformer(self.cfg.model)
-        self.n_params = count_parameters(model)
+        universal = bool(self.resume and self.resume.universal)
+        ds_config = build_ds_config(self.cfg, dist.world_size(), self.precision, load_universal=universal)
+        model = self._build_model(ds_config)
         optimizer = build_optimizer(model, self.cfg.train, self.device)
         scheduler = build_scheduler(optimizer, self.cfg.train)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=build_ds_config(self.cfg, dist.world_size()),
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         if self.cfg.train.compile:
             self.engine.compile()  # in place: parameter names and checkpoints stay unchanged
 
-    # ---- the loop -----------------------------------------------------------------------
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+    def _build_model(self, ds_config: dict) -> Transformer:
+        """The model with train.seed's initial weights. Under ZeRO-3 it is built inside
+        deepspeed.zero.Init, so a rank holds only its partition of each parameter (and one whole
+        parameter at a time while it is initialised); the weights equal an unsharded build's."""
+        import deepspeed
 
+        cfg = self.cfg
+        with torch.device("meta"):  # counted without allocating
+            self.n_params = count_parameters(Transformer(cfg.model))
+        torch.manual_seed(cfg.train.seed)
+        if cfg.deepspeed.zero_stage < 3:
+            model = Transformer(cfg.model)
+            model.init_weights(cfg.train.seed)
+        else:
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = Transformer(cfg.model)  # the constructor's own init touches empty partitions
+            model.init_weights(cfg.train.seed, around=lambda p: deepspeed.zero.GatheredParameters(p, modifier_rank=0))
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        return model
+
+    # ---- the loop -----------------------------------------------------------------------
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the loss averaged over ranks."""
         t = self.cfg.train
         total = torch.zeros((), device=self.device)
         for _ in range(t.grad_accum):
-            batch_BT = self.stream.next_batch(t.micro_batch_size).to(self.device)
-            with self.autocast():
-                loss = self.engine(batch_BT[:, :-1], batch_BT[:, 1:]).loss
+            batch_BT = self.stream.next_batch(t.micro_batch_size).to(self.device, non_blocking=True)
+            loss = self.engine(batch_BT[:, :-1], batch_BT[:, 1:]).loss  # bf16 mode: bf16 weights, fp32 loss
             if faults.due("nan", self.step + 1, dist.rank()):
                 loss = loss * float("nan")
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary():
                 self.step_lr = self.scheduler.get_last_lr()[0]  # engine.step() moves the schedule on
-                if self.cfg.deepspeed.zero_stage == 0:
-                    # DeepSpeed reports no norm for a plain optimizer without ZeRO: clip (and measure) here
+                if not deepspeed_clips(self.cfg, self.precision):
+                    # DeepSpeed reports no norm for a plain fp32 optimizer without ZeRO: clip (and measure) here
                     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
                     self.grad_norm = torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), clip).item()
             self.engine.step()
@@ -171,8 +181,7 @@ class Trainer:
             real = len(batch)
             batch = batch if real else self.val[:1]  # a padding pass, not counted
             batch_BT = batch.to(self.device)
-            with self.autocast():
-                logits = self.engine(batch_BT[:, :-1]).logits
+            logits = self.engine(batch_BT[:, :-1]).logits
             if real:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), batch_BT[:, 1:].flatten(), reduction="sum")
                 sums[0] += loss.double()
@@ -219,6 +228,7 @@ class Trainer:
                 self._save()
         finally:
             self.log.close()
+            getattr(self.stream, "close", lambda: None)()
         self._print_end()
         return 0
 
@@ -244,7 +254,7 @@ class Trainer:
         seconds = time.perf_counter() - self.clock_start - self.paused
         tps = (self.tokens - self.clock_tokens) / max(seconds, 1e-9)
         mfu = tps * flops_per_token(self.cfg.model, self.cfg.data.seq_len) / self._peak_flops()
-        grad_norm = self.engine.get_global_grad_norm() if self.cfg.deepspeed.zero_stage else self.grad_norm
+        grad_norm = self.engine.get_global_grad_norm() if deepspeed_clips(self.cfg, self.precision) else self.grad_norm
         grad_norm = float(grad_norm) if grad_norm is not None else None
         lr, mem_gb = self.step_lr, self._memory_gb()
         row = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens, tokens_per_sec=tps)
@@ -273,7 +283,7 @@ class Trainer:
         gathers parameters collectively), the SVDs on rank 0. Touches no training state."""
         from launcher.probe import probe_during_training
 
-        tags = probe_during_training(self.engine, self.val[:2, :-1], self.cfg, self.autocast)
+        tags = probe_during_training(self.engine, self.val[:2, :-1], self.cfg)
         return tags, tags
 
     def _save(self) -> tuple[dict, dict]:
@@ -309,18 +319,21 @@ class Trainer:
             return
         c = self.cfg
         backend = resolve_backend(c.model.attn_backend, device=self.device)
+        states = memory.describe(self.n_params, c.deepspeed.zero_stage, dist.world_size(), self.precision)
         lines = [
             f"run directory   {self.run_dir}" + (f" (resuming at step {self.step})" if self.resumed else ""),
             f"model           {self.n_params / 1e6:.2f}M parameters, {c.model.n_layers} layers, d_model "
             f"{c.model.d_model}, {c.model.n_heads}/{c.model.n_kv_heads} q/kv heads",
             f"attention       backend {backend} (asked: {c.model.attn_backend}), preconditioner {c.model.precondition}",
-            f"data            vocab {self.prepared.vocab_size}, seq_len {c.data.seq_len}, "
+            f"data            {c.data.loader} loader, vocab {self.prepared.vocab_size}, seq_len {c.data.seq_len}, "
             f"{len(self.val)} validation windows",
             f"batch           {self.tokens_per_step} tokens/step = {c.train.micro_batch_size} x {c.train.grad_accum} "
             f"x {dist.world_size()} ranks x {c.data.seq_len}",
             f"parallelism     world size {dist.world_size()}, ZeRO stage {c.deepspeed.zero_stage} on "
             f"{self.device.type}" + (", torch.compile" if c.train.compile else ""),
-            f"precision       {self.precision} ({self.precision_choice.reason})",
+            f"precision       {self.precision} ({self.precision_choice.reason})"
+            + (", DeepSpeed bf16 mode: fp32 master weights" if self.precision == "bf16" else ""),
+            f"model states    {states}" + (", activation checkpointing" if c.train.activation_checkpointing else ""),
             f"steps           {self.step} -> {c.train.max_steps}",
         ]
         print("\n".join(lines), flush=True)

@@ -7,12 +7,14 @@ except for the fused `qkv_proj` and `gate_up_proj`, which the HF export splits.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels import attention
 from model.config import ModelConfig
@@ -39,8 +41,10 @@ class RMSNorm(nn.Module):
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos and sin, each (max_seq_len, head_dim), in Hugging Face Llama's half-split layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    # integer aranges, cast after: a constructor wrapper that casts new float tensors to the
+    # parameter dtype (DeepSpeed's zero.Init) must not round the positions
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).double() / head_dim))
+    freqs = torch.outer(torch.arange(max_seq_len).double(), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().float(), emb.sin().float()
 
@@ -111,6 +115,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass instead of keeping its activations (set by the
+    trainer from train.activation_checkpointing); only while training with gradients."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -125,16 +133,31 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual-output projections scaled by 1/sqrt(2 n_layers)."""
-        std = self.cfg.init_std
+    def reset_parameters(self, generator: torch.Generator | None = None, around=None) -> None:
+        """Normal(0, init_std) weights; residual-output projections scaled by 1/sqrt(2 n_layers);
+        norm gains 1. Drawn from `generator` (default: torch's global RNG) in named_parameters
+        order. `around(p)`, a context manager, wraps each parameter's init: a trainer whose
+        parameters are sharded gathers the whole parameter there."""
         for name, p in self.named_parameters():
-            if p.dim() < 2:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                nn.init.normal_(p, 0.0, std)
+            with around(p) if around else contextlib.nullcontext():
+                self.init_parameter(name, p, generator)
+
+    def init_weights(self, seed: int, around=None) -> None:
+        """The trainer's initial weights for `seed` (the global RNG is left alone)."""
+        self.reset_parameters(torch.Generator().manual_seed(seed), around)
+
+    def init_parameter(self, name: str, p: nn.Parameter, generator: torch.Generator | None = None) -> None:
+        """One parameter's init, drawn in fp32 and then cast, so a bf16 parameter holds the
+        rounded fp32 init whether it was built in bf16 or cast later."""
+        std = self.cfg.init_std
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            std = std / math.sqrt(2 * self.cfg.n_layers)
+        if p.dim() < 2:
+            value = torch.ones(p.shape, dtype=torch.float32)
+        else:  # drawn on the CPU (where the generator lives), the same numbers on any device
+            value = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+        with torch.no_grad():
+            p.copy_(value)
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> ModelOutput:
         """input_ids (B, T) int64; labels (B, T), -100 = ignored. Returns logits (B, T, V) and loss."""
@@ -143,8 +166,12 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
         cos_TE, sin_TE = self.rope_cos[:T], self.rope_sin[:T]
         x_BTD = self.embed_tokens(input_ids)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x_BTD = layer(x_BTD, cos_TE, sin_TE)
+            if recompute:  # keeps only each block's input for the backward pass
+                x_BTD = checkpoint(layer, x_BTD, cos_TE, sin_TE, use_reentrant=False)
+            else:
+                x_BTD = layer(x_BTD, cos_TE, sin_TE)
         logits_BTV = self.lm_head(self.norm(x_BTD))
         loss = None
         if labels is not None:

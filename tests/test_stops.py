@@ -99,7 +99,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_last_checkpoint(corpus, tm
     assert not (run_dir / "stop").exists()  # a later launcher.train must not stop at once
     tag = checkpoint.latest_tag(run_dir / "checkpoints")
     assert tag and checkpoint.damage(run_dir / "checkpoints" / tag) is None
-    assert checkpoint.check_resume(run_dir / "checkpoints", world_size=1, zero_stage=0) == tag
+    assert checkpoint.check_resume(run_dir / "checkpoints", zero_stage=0) == tag
 
 
 def test_a_stop_during_set_up_exits_cleanly(corpus, tmp_path):

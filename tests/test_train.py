@@ -16,7 +16,6 @@ from tests.train_helpers import (
     metric_rows,
     run_deepspeed,
     run_single,
-    snapshot,
     tiny_overrides,
     train_losses,
     write_corpus,
@@ -55,6 +54,7 @@ def test_single_process_run_writes_the_run_directory(single_run):
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
     assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
     assert "run directory" in proc.stdout and "ZeRO stage 0" in proc.stdout
+    assert "model states    0.5 MiB per rank (estimate: 4 + 4 + 8 bytes/param for fp32" in proc.stdout  # 34,976 x 16 B
 
 
 def test_tensorboard_events_carry_the_tags(single_run):
@@ -175,14 +175,14 @@ def test_tokens_per_sec_leaves_out_evaluation_and_saves(single_run):
 
 
 def test_zero0_one_rank_matches_zero2_two_ranks(corpus, tmp_path):
-    """Same global batch (global batch order), fp32: the optimizer math must agree."""
+    """Same global batches (the shard loader's global order), fp32: the optimizer math must agree."""
     glob, cache = corpus
     one = tmp_path / "one"
     two = tmp_path / "two"
-    check(run_single(tiny_overrides(glob, cache, one, **{"train.micro_batch_size": 4, "train.batch_order": "global"})))
+    check(run_single(tiny_overrides(glob, cache, one, **{"train.micro_batch_size": 4})))
     check(
         run_deepspeed(
-            tiny_overrides(glob, cache, two, **{"train.batch_order": "global", "deepspeed.zero_stage": 2}),
+            tiny_overrides(glob, cache, two, **{"deepspeed.zero_stage": 2}),
             2,
             free_port(),
         )
@@ -195,22 +195,30 @@ def test_zero0_one_rank_matches_zero2_two_ranks(corpus, tmp_path):
     assert val_two == pytest.approx(val_one, abs=1e-5)
 
 
-def resume_settings(stage: int) -> dict:
-    return {"deepspeed.zero_stage": stage, "train.max_steps": 10, "train.save_interval": 4}
+def resume_settings(stage: int, precision: str = "fp32") -> dict:
+    """ZeRO-3 runs read the corpus with the streamed loader, so its exact resume is tested too."""
+    return {
+        "deepspeed.zero_stage": stage,
+        "train.max_steps": 10,
+        "train.save_interval": 4,
+        "train.precision": precision,
+        "data.loader": "stream" if stage == 3 else "shards",
+    }
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tmp_path_factory):
-    """stage -> the run dir of an uninterrupted 2-rank run (made once per stage)."""
+    """(stage, precision) -> the run dir of an uninterrupted 2-rank run (made once each)."""
     glob, cache = corpus
     runs = {}
 
-    def get(stage: int) -> Path:
-        if stage not in runs:
-            run_dir = tmp_path_factory.mktemp(f"whole{stage}") / "run"
-            check(run_deepspeed(tiny_overrides(glob, cache, run_dir, **resume_settings(stage)), 2, free_port()))
-            runs[stage] = run_dir
-        return runs[stage]
+    def get(stage: int, precision: str = "fp32") -> Path:
+        if (stage, precision) not in runs:
+            run_dir = tmp_path_factory.mktemp(f"whole{stage}{precision}") / "run"
+            overrides = tiny_overrides(glob, cache, run_dir, **resume_settings(stage, precision))
+            check(run_deepspeed(overrides, 2, free_port()))
+            runs[stage, precision] = run_dir
+        return runs[stage, precision]
 
     return get
 
@@ -223,17 +231,23 @@ def tear_last_line(path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("stage", "fault"),
-    [(2, "sigkill@6:1"), (3, "sigkill@6:1"), (2, "sigkill-save@8:0")],
-    ids=["zero2-after-step", "zero3-after-step", "zero2-inside-save"],
+    ("stage", "fault", "precision"),
+    [
+        (2, "sigkill@6:1", "fp32"),
+        (3, "sigkill@6:1", "fp32"),
+        (2, "sigkill-save@8:0", "fp32"),
+        (3, "sigkill@6:1", "bf16"),
+    ],
+    ids=["zero2-after-step", "zero3-after-step", "zero2-inside-save", "zero3-bf16-after-step"],
 )
-def test_two_ranks_resume_exactly_after_sigkill(corpus, uninterrupted, tmp_path, stage, fault):
+def test_two_ranks_resume_exactly_after_sigkill(corpus, uninterrupted, tmp_path, stage, fault, precision):
     """SIGKILL after step 6, or inside the save of step 8 (rank 0 wrote its files, the others
     may not have): `latest` stays on step 4, and the resume, with a torn last metrics row,
-    logs the same per-step losses as a run that was never interrupted."""
+    logs the same per-step losses as a run that was never interrupted. In bf16 mode the bf16
+    weights come back from the saved fp32 master weights, so the losses are bit-identical too."""
     glob, cache = corpus
     broken = tmp_path / "broken"
-    overrides = tiny_overrides(glob, cache, broken, **resume_settings(stage))
+    overrides = tiny_overrides(glob, cache, broken, **resume_settings(stage, precision))
     killed = run_deepspeed(overrides, 2, free_port(), PRECOND_FAULT=fault)
     assert killed.returncode != 0
     assert (broken / "checkpoints/latest").read_text() == "global_step4"
@@ -245,25 +259,37 @@ def test_two_ranks_resume_exactly_after_sigkill(corpus, uninterrupted, tmp_path,
     resumed = run_deepspeed(overrides, 2, free_port())
     check(resumed)
     assert "resuming at step 4" in resumed.stdout
-    a, b = train_losses(uninterrupted(stage)), train_losses(broken)
+    a, b = train_losses(uninterrupted(stage, precision)), train_losses(broken)
     assert list(b) == list(range(1, 11))  # each step logged once, in order
     assert a == b  # bit-identical: same data, same optimizer and scheduler state, same reductions
 
 
-def test_resume_on_another_world_size_is_refused_before_anything_changes(corpus, uninterrupted, tmp_path):
-    """A 2-rank ZeRO-2 checkpoint resumed by 1 rank: one line, exit 2, the run dir untouched."""
-    import shutil
-
+def test_activation_checkpointing_under_zero3_logs_the_same_losses(corpus, uninterrupted, tmp_path):
+    """train.activation_checkpointing=true on 2 ranks under ZeRO-3, which gathers each block's
+    parameters again for the recomputation: the fp32 losses are those of the run without it."""
     glob, cache = corpus
-    run_dir = tmp_path / "run"
-    shutil.copytree(uninterrupted(2), run_dir)
-    before = snapshot(run_dir)
-    overrides = tiny_overrides(glob, cache, run_dir, **resume_settings(2), **{"train.lr": 1e-3})
-    proc = run_single(overrides)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert "written by 2 ranks, resuming with 1" in proc.stderr and "global_step10" in proc.stderr
-    assert snapshot(run_dir) == before  # config.yaml too: nothing loaded or written
+    run_dir = tmp_path / "recompute"
+    settings = {**resume_settings(3), "train.activation_checkpointing": "true"}
+    proc = run_deepspeed(tiny_overrides(glob, cache, run_dir, **settings), 2, free_port())
+    check(proc)
+    assert "activation checkpointing" in proc.stdout
+    assert train_losses(run_dir) == train_losses(uninterrupted(3))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_is_deepspeeds_bf16_mode_with_fp32_accumulation(stage):
+    """bf16: DeepSpeed's bf16 mode, fp32 gradient accumulation under ZeRO 1-3 (DeepSpeed 0.19.8
+    refuses it without ZeRO), and DeepSpeed clips (its bf16 optimizer clips the fp32 gradients)."""
+    from launcher.config import load_run_config
+    from launcher.ds_config import build_ds_config
+
+    cfg = load_run_config(None, [f"deepspeed.zero_stage={stage}"])
+    bf16, fp32 = (build_ds_config(cfg, world_size=2, precision=p) for p in ("bf16", "fp32"))
+    assert bf16["bf16"] == {"enabled": True} and fp32["bf16"] == {"enabled": False}
+    assert bf16.get("data_types") == ({"grad_accum_dtype": "fp32"} if stage else None)
+    assert "data_types" not in fp32
+    assert bf16["gradient_clipping"] == cfg.train.grad_clip
+    assert fp32["gradient_clipping"] == (cfg.train.grad_clip if stage else 0.0)  # the trainer clips plain fp32
 
 
 def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
@@ -306,10 +332,11 @@ def test_a_dead_rank_does_not_hang_the_job(corpus, tmp_path):
     assert time.time() - start < 150
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path, precision):
     glob, cache = corpus
     run_dir = tmp_path / "nan"
-    proc = run_single(tiny_overrides(glob, cache, run_dir), PRECOND_FAULT="nan@6")
+    proc = run_single(tiny_overrides(glob, cache, run_dir, **{"train.precision": precision}), PRECOND_FAULT="nan@6")
     assert proc.returncode == 1
     assert "diverged" in proc.stderr and "step 6" in proc.stderr and "Traceback" not in proc.stderr
     assert (run_dir / "checkpoints/latest").read_text() == "global_step4"
@@ -371,11 +398,26 @@ def test_user_deepspeed_json_merges_and_conflicts_are_errors(tmp_path):
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "flops_profiler": {}}))
     cfg = load_run_config(None, ["deepspeed.zero_stage=2", f"deepspeed.config={ok}"])
-    merged = build_ds_config(cfg, world_size=2)
+    merged = build_ds_config(cfg, world_size=2, precision="fp32")
     assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert merged["train_batch_size"] == cfg.train.micro_batch_size * 2
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     cfg = load_run_config(None, [f"deepspeed.config={bad}"])
     with pytest.raises(ConfigError, match=r"zero_optimization.stage=3 conflicts with zero_optimization.stage=0"):
-        build_ds_config(cfg, world_size=1)
+        build_ds_config(cfg, world_size=1, precision="fp32")
+
+
+def test_zero3_defaults_yield_to_the_user_json(tmp_path):
+    """sub_group_size bounds the memory of ZeRO-3's optimizer step: ours unless the JSON sets it."""
+    from launcher.config import load_run_config
+    from launcher.ds_config import ZERO3_DEFAULTS, build_ds_config
+
+    cfg = load_run_config(None, ["deepspeed.zero_stage=3"])
+    assert build_ds_config(cfg, world_size=2, precision="bf16")["zero_optimization"]["sub_group_size"] == 50_000_000
+    user = tmp_path / "z3.json"
+    user.write_text(json.dumps({"zero_optimization": {"sub_group_size": 1000}}))
+    cfg = load_run_config(None, ["deepspeed.zero_stage=3", f"deepspeed.config={user}"])
+    assert build_ds_config(cfg, world_size=2, precision="bf16")["zero_optimization"]["sub_group_size"] == 1000
+    cfg = load_run_config(None, ["deepspeed.zero_stage=2"])
+    assert not ZERO3_DEFAULTS.keys() & build_ds_config(cfg, world_size=2, precision="bf16")["zero_optimization"].keys()

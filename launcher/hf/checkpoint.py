@@ -5,16 +5,25 @@ names the newest tag; `checkpoints/<tag>/` holds `mp_rank_00_model_states.pt` (Z
 with the client state) or `zero_pp_rank_0_mp_rank_00_model_states.pt` (ZeRO-3), plus
 `*_optim_states.pt` files for ZeRO 1-3.
 
+The export takes the fp32 weights: in bf16 mode (launcher/ds_config.py) the module holds bf16
+copies and the fp32 master weights live with the optimizer.
+
 - ZeRO 1-3: DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` merges the fp32
-  partitions.
-- ZeRO 0: the `module` entry is the full state dict. The trainer runs DeepSpeed in fp32 mode
-  (launcher/ds_config.py), so these are the fp32 weights.
+  partitions (`zero_pp_rank_*`, or `bf16_zero_pp_rank_*` in bf16 mode).
+- ZeRO-1 in bf16 mode: DeepSpeed's BF16_Optimizer, whose `bf16_zero_pp_rank_*` files that
+  converter does not read: each holds its rank's slice of the flat fp32 groups
+  (`single_partition_of_fp32_groups`) and which parameter fragments it holds
+  (`param_slice_mappings`); concatenated in rank order they give each parameter.
+- ZeRO-0: fp32 mode: the `module` entry is the fp32 state dict. bf16 mode: DeepSpeed's
+  bf16 optimizer without ZeRO (FP16_UnfusedOptimizer) saves its fp32 copies under
+  `optimizer.fp32_groups`, one list per param group, in the order of launcher.optim's groups.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,17 +88,53 @@ def _check_keys(sd: dict[str, Tensor], cfg: ModelConfig, where: Path) -> None:
         )
 
 
+def _unfused_master_weights(optimizer_state: dict, cfg: ModelConfig) -> dict[str, Tensor]:
+    """ZeRO-0 in bf16 mode: name -> fp32 master weight from `optimizer.fp32_groups`."""
+    from launcher.optim import param_groups
+
+    with torch.device("meta"):
+        groups = param_groups(Transformer(cfg))
+    saved = optimizer_state["fp32_groups"]
+    return {
+        name: t
+        for group, tensors in zip(groups, saved, strict=True)
+        for (name, _), t in zip(group, tensors, strict=True)
+    }
+
+
+def _bf16_optimizer_weights(files: list[Path], cfg: ModelConfig) -> dict[str, Tensor]:
+    """ZeRO-1 in bf16 mode: name -> fp32 master weight from BF16_Optimizer's per-rank files."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    pieces: dict[str, list[Tensor]] = {}
+    for path in sorted(files, key=lambda p: int(re.search(r"pp_rank_(\d+)", p.name)[1])):
+        state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for flat, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"], strict=True):
+            for name, fragment in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, fragment.start, fragment.numel))
+    return {name: torch.cat(parts).view(shapes[name]) for name, parts in pieces.items()}
+
+
+def _fp32_weights(folder: Path, states: dict, cfg: ModelConfig) -> dict[str, Tensor]:
+    """The checkpoint's fp32 weights, wherever its ZeRO stage and precision mode keep them."""
+    optim_files = sorted(folder.glob("*_optim_states.pt"))
+    if not optim_files:
+        optimizer_state = states.get("optimizer") or {}
+        return _unfused_master_weights(optimizer_state, cfg) if "fp32_groups" in optimizer_state else states["module"]
+    first = torch.load(optim_files[0], map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+    if "param_slice_mappings" in first and "zero_stage" not in first:
+        return _bf16_optimizer_weights(optim_files, cfg)
+    with _quiet():  # importing deepspeed also logs its accelerator choice
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+
+
 def consolidate(folder: Path, cfg: ModelConfig) -> Checkpoint:
-    """Load checkpoint `folder` (any ZeRO stage) as fp32 tensors on the CPU."""
+    """Load checkpoint `folder` (any ZeRO stage, fp32 or bf16 mode) as fp32 tensors on the CPU."""
     states_file = folder / (STAGE3_STATES if (folder / STAGE3_STATES).is_file() else MODEL_STATES)
     states = torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)
-    if any(folder.glob("*_optim_states.pt")):
-        with _quiet():  # importing deepspeed also logs its accelerator choice
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    else:
-        sd = dict(states["module"])
+    sd = dict(_fp32_weights(folder, states, cfg))
     head = sd.pop("lm_head.weight", None)
     if cfg.tie_embeddings and head is not None and not torch.equal(head.float(), sd["embed_tokens.weight"].float()):
         raise ConfigError(f"checkpoint {folder}: lm_head differs from embed_tokens but model.tie_embeddings is true")
