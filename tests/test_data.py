@@ -12,7 +12,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from fixtures.data_corpora import data_cfg, epoch_docs, make_docs, split_eos, write_jsonl, write_text
+from fixtures.data_corpora import (
+    data_cfg,
+    epoch_docs,
+    make_docs,
+    one_document_files,
+    split_eos,
+    write_jsonl,
+    write_text,
+)
 from tokenizers import Tokenizer
 
 from data import TokenStream, prepare_data, validation_windows
@@ -26,10 +34,7 @@ def encode_docs(prepared, docs: list[str]) -> set[tuple[int, ...]]:
 @pytest.fixture(scope="module")
 def text_corpus(tmp_path_factory):
     """Twenty text files, one document each: (documents, prepared data, config)."""
-    tmp = tmp_path_factory.mktemp("text")
-    docs = make_docs(20, "doc", seed=1)
-    write_text(tmp / "corpus", docs)
-    cfg = data_cfg(tmp, str(tmp / "corpus" / "*.txt"))
+    docs, cfg = one_document_files(tmp_path_factory.mktemp("text"), 20, seed=1)
     return docs, prepare_data(cfg, model_vocab_size=512, model_max_seq_len=64), cfg
 
 

@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from fixtures.data_corpora import data_cfg, make_docs, write_jsonl, write_text
+from fixtures.data_corpora import data_cfg, make_docs, one_document_files, write_jsonl, write_text
 from tokenizers import Tokenizer
 
 from data import Prefetcher, ShardLoader, TokenStream, prepare_data, validation_windows
@@ -34,10 +34,7 @@ def shard_cfg(tmp, files, **kw):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Forty one-document text files: (documents in file order, prepared data, config)."""
-    tmp = tmp_path_factory.mktemp("shards")
-    docs = make_docs(40, "doc", seed=21)
-    write_text(tmp / "corpus", docs)
-    cfg = shard_cfg(tmp, str(tmp / "corpus" / "*.txt"))
+    docs, cfg = one_document_files(tmp_path_factory.mktemp("shards"), 40, seed=21, shard_bytes=SHARD_BYTES)
     return docs, prepare_data(cfg, workers=1), cfg
 
 
