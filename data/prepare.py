@@ -177,6 +177,7 @@ def _build(
         val = corpus.count_shards(shards, shard_dir)
     else:
         val = corpus.count_and_pack(tok, eos_id)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
     val_path = manifest.with_suffix(".val.npy")
     tmp = val_path.with_name(f"{val_path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:

@@ -69,7 +69,7 @@ def test_shards_hold_every_training_document_once_in_order(corpus):
 
 def test_stream_and_shards_prepare_the_same_split_and_statistics(corpus, tmp_path):
     _, prepared, cfg = corpus
-    streamed = prepare_data(cfg.__class__(**{**vars(cfg), "loader": "stream"}))
+    streamed = prepare_data(cfg.__class__(**{**vars(cfg), "loader": "stream", "cache_dir": str(tmp_path / "fresh")}))
     assert streamed.shards == () and streamed.val_threshold == prepared.val_threshold
     assert {k: v for k, v in prepared.stats.items() if k != "shards"} == streamed.stats
     assert torch.equal(validation_windows(prepared), validation_windows(streamed))
