@@ -41,9 +41,10 @@ class RandomWindows:
 
 
 def build_ours(cfg):
+    from launcher.stopping import StopRequest
     from launcher.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, StopRequest(Path(cfg.train.output_dir)))
     trainer._build_engine()
     trainer.stream = RandomWindows(cfg.model.vocab_size, cfg.data.seq_len)
     return trainer.train_step
