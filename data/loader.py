@@ -135,7 +135,7 @@ class Prefetcher:
 
     def __init__(self, loader, batch_size: int, depth: int = 4, pin_memory: bool = False):
         self.loader, self.batch_size, self.depth, self.pin_memory = loader, batch_size, depth, pin_memory
-        self.elastic = getattr(loader, "elastic", False)
+        self.elastic = loader.elastic
         self._state = copy.deepcopy(loader.state_dict())
         self._start()
 

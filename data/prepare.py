@@ -30,7 +30,7 @@ import torch
 
 from data.config import ConfigError, DataConfig, build_section, help_parser, load_yaml, run_main
 from data.corpus import CorpusPass, format_stats, resolve_sources, source_fingerprint
-from data.shards import ShardJob, ShardWriter, token_dtype, write_atomic
+from data.shards import ShardJob, ShardWriter, save_npy, token_dtype, write_atomic
 from data.sources import SourceSpec
 from data.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_bpe
 
@@ -179,10 +179,7 @@ def _build(
         val = corpus.count_and_pack(tok, eos_id)
     manifest.parent.mkdir(parents=True, exist_ok=True)
     val_path = manifest.with_suffix(".val.npy")
-    tmp = val_path.with_name(f"{val_path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, val.astype(np.int32))
-    tmp.replace(val_path)
+    save_npy(val_path, val.astype(np.int32))
     cache = Path(cfg.cache_dir).resolve()
     record = {
         "tokenizer_path": str(tok_path.resolve().relative_to(cache)),

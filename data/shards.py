@@ -42,12 +42,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 @dataclass(frozen=True)
 class Piece:
-    """One shard's work: its documents (None when the shard is already finished)."""
+    """One shard's work: its documents."""
 
     name: str
     source: int
     """The training source (data.files glob) it belongs to; -1 for held-out sources."""
-    texts: list[str] | None
+    texts: list[str]
     held_out: bool = False
     """All documents go to validation (the default corpus holds out whole files)."""
 
@@ -74,7 +74,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> bytes:
+def save_npy(path: Path, array: np.ndarray) -> bytes:
     """Write `array` as .npy atomically; returns the file's bytes (for the checksum)."""
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -123,17 +123,15 @@ def _encode(tok, texts: list[str], eos_id: int, dtype: str) -> tuple[np.ndarray,
 
 def tokenize_piece(job: ShardJob, piece: Piece) -> dict:
     """Tokenise one piece into its shard files (in a worker); returns the shard's record."""
-    if piece.texts is None:
-        return finished(job.folder, piece.name)
     tok = _load_tokenizer(str(job.tokenizer_path))
     val = [t for t in piece.texts if piece.held_out or doc_hash(t) < job.val_threshold]
     train = [t for t in piece.texts if not (piece.held_out or doc_hash(t) < job.val_threshold)]
     tokens, ends = _encode(tok, train, job.eos_id, job.dtype)
     base = job.folder / piece.name
-    data = _save_npy(base.with_suffix(".tokens.npy"), tokens)
-    _save_npy(base.with_suffix(".docs.npy"), ends)
+    data = save_npy(base.with_suffix(".tokens.npy"), tokens)
+    save_npy(base.with_suffix(".docs.npy"), ends)
     val_ids, _ = _encode(tok, val, job.eos_id, job.dtype)
-    _save_npy(base.with_suffix(".val.npy"), val_ids)
+    save_npy(base.with_suffix(".val.npy"), val_ids)
     record = {
         "name": piece.name,
         "source": piece.source,
@@ -189,11 +187,12 @@ class _Pool:
 
 
 def _pieces(spec: SourceSpec, ordinal: int, source: int, held_out: bool, shard_bytes: int, folder: Path):
-    """The pieces of one source in order; finished ones carry no texts."""
+    """The pieces of one source in order; a shard finished earlier comes as its record."""
 
-    def piece(texts: list[str]) -> Piece:
+    def piece(texts: list[str]) -> Piece | dict:
+        """The work for a shard, or the record of a shard finished earlier."""
         name = shard_name(ordinal, index)
-        return Piece(name, source, None if finished(folder, name) else texts, held_out)
+        return finished(folder, name) or Piece(name, source, texts, held_out)
 
     index, texts, size = 0, [], 0
     for text in iter_checked_texts(spec):
@@ -242,11 +241,11 @@ class ShardWriter:
             if self.max_tokens and not held_out and tokens >= self.max_tokens:
                 return
 
-    def _in_order(self, runner, pieces: Iterator[Piece]) -> Iterator[dict]:
+    def _in_order(self, runner, pieces: Iterator[Piece | dict]) -> Iterator[dict]:
         """Records of `pieces` in order, with up to LOOKAHEAD pieces per worker queued ahead."""
         inflight: deque = deque()
         for piece in pieces:
-            inflight.append(runner.submit(self.job, piece))
+            inflight.append(_Done(piece) if isinstance(piece, dict) else runner.submit(self.job, piece))
             if len(inflight) > self.workers * (1 + LOOKAHEAD):
                 yield inflight.popleft().get()
         while inflight:

@@ -96,7 +96,7 @@ class Trainer:
         """Check, before anything is written, that checkpoint `tag` resumes on this world size
         with this data pipeline; rank 0 warns when the global batch changed."""
         t = self.cfg.train
-        elastic = getattr(self.stream, "elastic", False)  # its state is the same on every rank and world size
+        elastic = self.stream.elastic  # its state is the same on every rank and world size
         resume = checkpoint.plan_resume(self.ckpt_dir, tag, dist.world_size(), self.cfg.deepspeed.zero_stage, elastic)
         warning = resume.global_batch_warning(t.micro_batch_size * t.grad_accum * dist.world_size())
         if warning and self.is_main:
@@ -228,7 +228,7 @@ class Trainer:
                 self._save()
         finally:
             self.log.close()
-            getattr(self.stream, "close", lambda: None)()
+            self.stream.close()
         self._print_end()
         return 0
 

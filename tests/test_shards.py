@@ -234,6 +234,8 @@ def test_prefetcher_hands_out_the_same_batches_and_the_consumed_state(corpus, ki
 
 def test_prefetcher_raises_the_loaders_error_in_the_consumer():
     class Broken:
+        elastic = False
+
         def next_batch(self, B):
             raise ValueError("shard s01_00003 is unreadable")
 
