@@ -3,14 +3,18 @@ data and token budget, probe the condition numbers before and after, and write a
 
     python -m launcher.experiment --config FILE [--name NAME] [--seeds 1,2] [--variants none,qk,qkv,row]
                                   [--conditioning-interval K] [--target-loss X]
-                                  [--sweep section.key=v1,v2 ...] [key=value ...]
+                                  [--sweep section.key=v1,v2 ...] [--variant-set V:section.key=value ...]
+                                  [--jobs N] [key=value ...]
 
 Runs `python -m launcher.train` once per (variant, seed) into runs/experiments/NAME/V-seedS,
 or with --sweep once per (point, variant, seed) into runs/experiments/NAME/POINT/V-seedS, where
-the points are the cross product of the swept values (e.g. lr=0.001), one after another; a
-run that already finished is skipped, an unfinished one resumes from its checkpoint. Then the
-probe (launcher.conditioning) measures the step-0 and the final model of each run, and
-docs/experiments/NAME/ gets README.md (tables), results.json and PNG plots (sweep.png for a sweep).
+the points are the cross product of the swept values (e.g. lr=0.001). Runs go seed by seed (a
+sweep cut short has every point at the first seeds), --jobs at a time, each with its share of
+the cores; a run that already finished is skipped, an unfinished one resumes from its
+checkpoint. --variant-set gives one variant its own setting (e.g. each variant at its best
+learning rate from a sweep). Then the probe (launcher.conditioning) measures the step-0 and the
+final model of each run (not for a sweep, which reports losses), and docs/experiments/NAME/
+gets README.md (tables), results.json and PNG plots (sweep.png for a sweep).
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.config import ConfigError, check_output_path, run_main
@@ -47,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="do not train; report on the runs already there")
     sweep = "sweep a key over values (repeatable; the points are the cross product)"
     p.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2", help=sweep)
+    own = "one variant's own setting, on top of the overrides (repeatable)"
+    p.add_argument("--variant-set", action="append", default=[], metavar="VARIANT:SECTION.KEY=VALUE", help=own)
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on cores/N threads (default 1)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     return p.parse_args(argv)
 
@@ -70,14 +80,40 @@ def check_args(args: argparse.Namespace):
         args.conditioning_interval = cfg.log.conditioning_interval or cfg.train.eval_interval
     if args.conditioning_interval < 0 or args.probe_batch < 1:
         raise ConfigError("--conditioning-interval must be >= 0 and --probe-batch >= 1")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: expected a number of runs at once >= 1")
     args.name = args.name or args.config.stem
     check_paths(args)
+    args.variant_sets = variant_sets(args)
     args.points = sweep_points(args)
     return cfg
 
 
 RUNNER_KEYS = ("model.precondition", "train.seed", "train.output_dir", "log.conditioning_interval", "log.progress")
 """The keys the experiment sets for each run (train_command), in that order; a sweep may not set them."""
+
+
+def variant_sets(args: argparse.Namespace) -> dict[str, list[str]]:
+    """--variant-set V:section.key=value -> {V: ["section.key=value", ...]}, each checked by
+    loading the config with it."""
+    from launcher.config import load_run_config
+
+    sets: dict[str, list[str]] = {}
+    for spec in args.variant_set:
+        variant, colon, over = spec.partition(":")
+        if not colon or not re.fullmatch(r"[a-z_]+\.[a-z_0-9]+=.+", over.strip()):
+            raise ConfigError(f"--variant-set {spec!r}: expected VARIANT:section.key=value, e.g. qk:train.lr=0.008")
+        if variant not in args.variants:
+            raise ConfigError(f"--variant-set {spec!r}: {variant!r} is not one of --variants {','.join(args.variants)}")
+        if over.split("=")[0].strip() in RUNNER_KEYS:
+            raise ConfigError(f"--variant-set {spec!r}: {over.split('=')[0]} is set by the experiment")
+        sets.setdefault(variant, []).append(over.strip())
+    for variant, over in sets.items():
+        try:
+            load_run_config(args.config, [*args.overrides, *over])
+        except ConfigError as e:
+            raise ConfigError(f"--variant-set {variant}:{' '.join(over)}: {e}") from None
+    return sets
 
 
 def parse_sweep(spec: str) -> tuple[str, list[str]]:
@@ -141,25 +177,77 @@ def finished(run_dir: Path, max_steps: int) -> bool:
     return done and any(r.get("step") == max_steps and "val_loss" in r for r in read_rows(run_dir))
 
 
-def train_command(args: argparse.Namespace, variant: str, seed: int, run_dir: Path, point: list[str] = ()) -> list[str]:
-    values = (variant, seed, run_dir, args.conditioning_interval, "false")
+@dataclass
+class Run:
+    """One training run of the experiment: its key in the results, its folder and its settings."""
+
+    key: tuple
+    variant: str
+    seed: int
+    run_dir: Path
+    max_steps: int
+    overrides: list[str] = field(default_factory=list)  # the sweep point's, then the variant's own
+    failed: bool = False
+
+
+def plan(args: argparse.Namespace, cfg) -> list[Run]:
+    """Every run, seed by seed: each seed's points, each point's variants."""
+    runs = []
+    for seed in args.seeds:
+        for point in args.points or [None]:
+            for variant in args.variants:
+                own = args.variant_sets.get(variant, [])
+                if point is None:
+                    folder, key, over = f"{variant}-seed{seed}", (variant, seed), own
+                    steps = cfg.train.max_steps
+                else:
+                    folder, key, over = (
+                        f"{point['name']}/{variant}-seed{seed}",
+                        (point["name"], variant, seed),
+                        [
+                            *point["overrides"],
+                            *own,
+                        ],
+                    )
+                    steps = point["cfg"].train.max_steps
+                runs.append(Run(key, variant, seed, args.runs_dir / args.name / folder, steps, over))
+    if any(r.overrides for r in runs):  # a variant's own setting may change max_steps
+        from launcher.config import load_run_config
+
+        for r in runs:
+            r.max_steps = load_run_config(args.config, [*args.overrides, *r.overrides]).train.max_steps
+    return runs
+
+
+def train_command(args: argparse.Namespace, run: Run) -> list[str]:
+    values = (run.variant, run.seed, run.run_dir, args.conditioning_interval, "false")
     ours = [f"{key}={value}" for key, value in zip(RUNNER_KEYS, values, strict=True)]
-    return [sys.executable, "-m", "launcher.train", "--config", str(args.config), *args.overrides, *point, *ours]
+    given = [*args.overrides, *run.overrides]
+    if args.jobs > 1 and not any(o.startswith("train.threads=") for o in given):
+        ours.append(f"train.threads={max(1, (os.cpu_count() or 1) // args.jobs)}")
+    return [sys.executable, "-m", "launcher.train", "--config", str(args.config), *given, *ours]
 
 
-def train_one(args: argparse.Namespace, variant: str, seed: int, run_dir: Path, point: list[str] = ()) -> float:
+FAILED = "failed.txt"
+"""Written into a run's folder when its training fails (a sweep counts it as diverged); removed
+when the run is trained again."""
+
+
+def train_one(args: argparse.Namespace, run: Run) -> float:
     """Train (or resume) one run as a subprocess, its output in RUN_DIR/train.log; returns seconds."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "cond_after.json").unlink(missing_ok=True)  # stale once training continues
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("cond_after.json", FAILED):  # stale once training continues
+        (run.run_dir / stale).unlink(missing_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     start = time.perf_counter()
-    with open(run_dir / "train.log", "a") as log:
-        cmd = train_command(args, variant, seed, run_dir, point)
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(run.run_dir / "train.log", "a") as log:
+        proc = subprocess.run(train_command(args, run), stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
-        tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:]
-        raise RuntimeError(f"{run_dir}: training failed (exit {proc.returncode}): {' '.join(tail)}; see train.log")
+        tail = (run.run_dir / "train.log").read_text().strip().splitlines()[-1:]
+        why = f"training failed (exit {proc.returncode}): {' '.join(tail)}"
+        (run.run_dir / FAILED).write_text(why + "\n")
+        raise RuntimeError(f"{run.run_dir}: {why}; see train.log")
     return time.perf_counter() - start
 
 
@@ -173,49 +261,36 @@ def probe_run(run_dir: Path, batch: int) -> None:
             conditioning.main(["--model", str(run_dir), "--json", str(out), "--batch", str(batch), *extra])
 
 
-def run_all(args: argparse.Namespace, max_steps: int) -> dict[tuple[str, int], Path]:
-    """Every (variant, seed) trained and probed; returns their run dirs."""
-    runs = {}
-    for seed in args.seeds:
-        for variant in args.variants:
-            run_dir = args.runs_dir / args.name / f"{variant}-seed{seed}"
-            runs[variant, seed] = run_dir
-            if not args.report_only:
-                run_one(args, variant, seed, run_dir, max_steps)
-    return runs
+def run_one(args: argparse.Namespace, run: Run) -> None:
+    """Train one run unless it finished; a failed run is marked (a diverged sweep run is a result)."""
+    if finished(run.run_dir, run.max_steps):
+        print(f"skip {run.run_dir}: already finished", flush=True)
+        return
+    print(f"train {run.variant} seed {run.seed} {' '.join(run.overrides)} -> {run.run_dir}", flush=True)
+    try:
+        secs = train_one(args, run)
+    except RuntimeError as e:
+        run.failed = True
+        print(f"  {e}", flush=True)
+        return
+    val = [r["val_loss"] for r in read_rows(run.run_dir) if "val_loss" in r]
+    print(f"  {run.run_dir.name} done in {secs:.0f} s, final val_loss {val[-1]:.4f}", flush=True)
 
 
-def run_one(args: argparse.Namespace, variant: str, seed: int, run_dir: Path, max_steps: int, point=()) -> None:
-    """Train (unless finished) one run; probe it unless it is a sweep point (the sweep reports losses)."""
-    if finished(run_dir, max_steps):
-        print(f"skip {run_dir}: already finished", flush=True)
+def run_all(args: argparse.Namespace, runs: list[Run]) -> None:
+    """Train every run, --jobs at a time; probe each one after all trained (not for a sweep)."""
+    if args.report_only:
+        for run in runs:
+            run.failed = (run.run_dir / FAILED).is_file()
     else:
-        print(f"train {variant} seed {seed} {' '.join(point)} -> {run_dir}", flush=True)
-        secs = train_one(args, variant, seed, run_dir, point)
-        val = [r["val_loss"] for r in read_rows(run_dir) if "val_loss" in r]
-        print(f"  done in {secs:.0f} s, final val_loss {val[-1]:.4f}", flush=True)
-    if not point:
-        probe_run(run_dir, args.probe_batch)
-
-
-def run_sweep(args: argparse.Namespace) -> dict[tuple[str, str, int], tuple[Path, bool]]:
-    """Every (point, variant, seed) trained and probed; returns (run dir, training failed).
-    Within a point every variant of a seed has the same init and batches: the seed and the data
-    settings come from the config, the point and the seed, never from the variant."""
-    runs = {}
-    for point in args.points:
-        for seed in args.seeds:
-            for variant in args.variants:
-                run_dir = args.runs_dir / args.name / point["name"] / f"{variant}-seed{seed}"
-                runs[point["name"], variant, seed] = (run_dir, False)
-                if args.report_only:
-                    continue
-                try:
-                    run_one(args, variant, seed, run_dir, point["cfg"].train.max_steps, point["overrides"])
-                except RuntimeError as e:  # a diverged run (NaN loss) is a result of the sweep
-                    print(f"  {e}; counted as diverged", flush=True)
-                    runs[point["name"], variant, seed] = (run_dir, True)
-    return runs
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda run: run_one(args, run), runs))
+    failed = [r for r in runs if r.failed]
+    if failed and not args.points:  # in a sweep a failed run (NaN loss) counts as diverged
+        raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed, e.g. {failed[0].run_dir}: see its train.log")
+    if not args.points:
+        for run in runs:
+            probe_run(run.run_dir, args.probe_batch)
 
 
 # ---- collecting what the runs logged -------------------------------------------------------
@@ -248,11 +323,15 @@ def collect(run_dir: Path) -> dict:
     return out
 
 
-def collect_sweep(run_dir: Path, failed: bool) -> dict:
-    """collect() of a sweep run; one that failed before its first row is an empty, failed run."""
-    if not (run_dir / "metrics.jsonl").is_file() and failed:
-        return {"run_dir": str(run_dir), "evals": [], "tokens_per_sec": None, "failed": True}
-    return collect(run_dir) | {"failed": failed}
+def collect_sweep(run: Run) -> dict:
+    """collect() of a sweep run; one that failed before its first row is an empty, failed run;
+    one neither finished nor failed (not yet trained, or cut short) is "unfinished"."""
+    unfinished = not run.failed and not finished(run.run_dir, run.max_steps)
+    if not (run.run_dir / "metrics.jsonl").is_file() and (run.failed or unfinished):
+        return {"run_dir": str(run.run_dir), "evals": [], "tokens_per_sec": None, "failed": run.failed} | (
+            {"unfinished": True} if unfinished else {}
+        )
+    return collect(run.run_dir) | {"failed": run.failed} | ({"unfinished": True} if unfinished else {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,15 +339,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     cfg = check_args(args)
+    runs = plan(args, cfg)
     try:
-        runs = run_sweep(args) if args.points else run_all(args, cfg.train.max_steps)
+        run_all(args, runs)
     except RuntimeError as e:  # a run failed: its log says why
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.points:
-        results = {key: collect_sweep(*run) for key, run in runs.items()}
+        results = {run.key: collect_sweep(run) for run in runs}
     else:
-        results = {key: collect(run_dir) for key, run_dir in runs.items()}
+        results = {run.key: collect(run.run_dir) for run in runs}
     command = "python -m launcher.experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     out = write_report(args.out_dir / args.name, cfg, args, results, command)
     print(f"report: {out / 'README.md'}")

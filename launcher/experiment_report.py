@@ -275,8 +275,10 @@ def plot_logged(args, results: dict, ax) -> None:
 
 # ---- the report -----------------------------------------------------------------------------
 def default_target(args, results: dict) -> float:
-    """The worst variant's mean final validation loss: a level every variant reaches on average."""
-    return max(summary([final_loss(r) for r in runs])["mean"] for runs in by_variant(args, results).values())
+    """`none`'s mean final validation loss (what the preconditioners must match, and how soon),
+    or without `none` the worst variant's: a level every variant reaches on average."""
+    finals = {v: summary([final_loss(r) for r in runs])["mean"] for v, runs in by_variant(args, results).items()}
+    return finals["none"] if finals.get("none") is not None else max(x for x in finals.values() if x is not None)
 
 
 def setup_lines(cfg, args, command: str) -> list[str]:
@@ -285,11 +287,28 @@ def setup_lines(cfg, args, command: str) -> list[str]:
     return [
         f"- Command: `{command}`",
         f"- Model: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads}/{m.n_kv_heads} q/kv heads, "
-        f"vocab {m.vocab_size}; seq_len {d.seq_len}; {t.precision}; lr {t.lr}",
+        f"vocab {m.vocab_size}; seq_len {d.seq_len}; {t.precision}; {lr_text(cfg, args)}",
         f"- Budget per run: {t.max_steps} steps x {tok_step} tokens (one rank) = {tokens_fmt(t.max_steps * tok_step)} "
         f"tokens; seeds {', '.join(map(str, args.seeds))}; variants {', '.join(args.variants)}",
         "- Every variant of a seed sees the same initial weights (same seed) and the same batches.",
+        *[
+            f"- `{v}` alone: {', '.join(f'`{o}`' for o in over)}"
+            for v, over in getattr(args, "variant_sets", {}).items()
+        ],
     ]
+
+
+def lr_text(cfg, args) -> str:
+    """The learning-rate schedule; the peak lr is named where no sweep or variant sets it."""
+    t = cfg.train
+    own = [o for over in getattr(args, "variant_sets", {}).values() for o in over]
+    if any("train.lr" in p["values"] for p in getattr(args, "points", None) or []):
+        peak = "lr swept"
+    elif any(o.startswith("train.lr=") for o in own):
+        peak = "lr per variant (below)"
+    else:
+        peak = f"lr {t.lr}"
+    return f"{peak}, warmup {t.warmup_steps} steps, cosine to {t.min_lr:g}"
 
 
 def write_files(out: Path, lines: list[str], raw: dict) -> Path:
@@ -333,21 +352,24 @@ def diverged(run: dict) -> bool:
 
 
 def point_finals(args, results: dict) -> dict[str, dict[str, dict]]:
-    """variant -> point -> summary of the final losses of the runs that did not diverge, with
-    "diverged" (how many did) and "runs" (how many there are)."""
+    """variant -> point -> summary of the final losses of the finished runs that did not diverge,
+    with "diverged" (how many did), "unfinished" (not yet trained to the end) and "runs"."""
     out: dict[str, dict[str, dict]] = {}
     for v in args.variants:
         for p in args.points:
             runs = [results[p["name"], v, s] for s in args.seeds]
-            kept = [final_loss(r) for r in runs if not diverged(r)]
-            out.setdefault(v, {})[p["name"]] = summary(kept) | {"diverged": len(runs) - len(kept), "runs": len(runs)}
+            done = [r for r in runs if not r.get("unfinished")]
+            kept = [final_loss(r) for r in done if not diverged(r)]
+            counts = {"diverged": len(done) - len(kept), "unfinished": len(runs) - len(done), "runs": len(runs)}
+            out.setdefault(v, {})[p["name"]] = summary(kept) | counts
     return out
 
 
 def finals_cell(s: dict) -> str:
+    notes = [f"{s[k]}/{s['runs']} {k}" for k in ("diverged", "unfinished") if s.get(k)]
     if s["n"] == 0:
-        return "diverged"
-    return fmt_summary(s) + (f" ({s['diverged']}/{s['runs']} diverged)" if s["diverged"] else "")
+        return "diverged" if s["diverged"] == s["runs"] else " ".join(notes) or "n/a"
+    return fmt_summary(s) + (f" ({', '.join(notes)})" if notes else "")
 
 
 def best_point(finals: dict[str, dict]) -> str | None:
@@ -425,9 +447,99 @@ def plot_sweep(args, finals: dict, path: Path) -> None:
     save_png(fig, path)
 
 
+def init_loss(cfg) -> float:
+    """The loss of a uniform prediction, ln(vocab): where a freshly initialised model starts."""
+    return math.log(cfg.model.vocab_size)
+
+
+def sensitivity(finals: dict[str, dict], cap: float) -> float | None:
+    """LR sensitivity as Wortsman et al. (2023) define it: the mean over the swept points of
+    min(final loss, cap) minus the best final loss, a diverged point counting as the cap (the
+    loss at initialisation). None while a point has no finished run."""
+    best = best_point(finals)
+    if best is None or any(s["n"] == 0 and not s["diverged"] for s in finals.values()):
+        return None
+    capped = [min(s["mean"], cap) if s["n"] and not s["diverged"] else cap for s in finals.values()]
+    return statistics.fmean(capped) - finals[best]["mean"]
+
+
+def best_runs(args, results: dict, finals: dict, v: str) -> list[dict]:
+    """The finished, non-diverged runs of variant v at its best point."""
+    best = best_point(finals[v])
+    if best is None:
+        return []
+    runs = [results[best, v, s] for s in args.seeds]
+    return [r for r in runs if not r.get("unfinished") and not diverged(r)]
+
+
+def reach_table(args, results: dict, finals: dict) -> tuple[list[str], float | None]:
+    """At each variant's best point: the tokens it takes to reach `none`'s mean final loss at
+    `none`'s best point (interpolated between evaluations), over seeds; and that target."""
+    base = best_point(finals.get("none", {}))
+    if base is None:
+        return [], None
+    target = finals["none"][base]["mean"]
+    head = ["variant", "best point", f"tokens to val {target:.4f}", "vs `none`"]
+    reach = {v: [tokens_to_reach(r["evals"], target) for r in best_runs(args, results, finals, v)] for v in finals}
+    base_mean = summary(reach["none"])["mean"]
+    rows = []
+    for v in args.variants:
+        got = summary(reach[v])
+        missed = sum(x is None for x in reach[v])
+        cell = "never" if not got["n"] else fmt_tokens_summary(got)
+        cell += f" ({missed}/{len(reach[v])} never)" if missed and got["n"] else ""
+        ratio = f"{got['mean'] / base_mean:.2f}x" if got["n"] and base_mean else "n/a"
+        rows.append([f"`{v}`", f"`{best_point(finals[v])}`", cell, "-" if v == "none" else ratio])
+    return md_table(head, rows), target
+
+
+def fmt_tokens_summary(s: dict) -> str:
+    text = tokens_fmt(s["mean"])
+    if s["sd"] is not None:
+        text += f" ± {tokens_fmt(s['sd'])} ({tokens_fmt(s['min'])}-{tokens_fmt(s['max'])}, n={s['n']})"
+    return text
+
+
+def sweep_verdict(args, cfg, finals: dict) -> list[str]:
+    """Each variant at its best point against `none` at its best, with the standard error of the
+    gap, and how wide each variant's range of good points is."""
+    lines = []
+    n = len(args.seeds)
+    best = {v: best_point(finals[v]) for v in args.variants}
+    if best.get("none"):
+        for v in args.variants:
+            if v != "none" and best[v]:
+                gap = compare(v, finals[v][best[v]], finals["none"][best["none"]], n)
+                lines.append(f"- At each one's best point: {gap}")
+    for v in args.variants:
+        sens = sensitivity(finals[v], init_loss(cfg))
+        width = width_text(args, near_best(finals[v]))
+        sens_text = "n/a (unfinished points)" if sens is None else f"{sens:.3f} nats"
+        lines.append(f"- `{v}`: LR sensitivity {sens_text}; within {SENSITIVITY_NATS} nats of its best: {width}.")
+    return lines
+
+
+def plot_best_curves(args, results: dict, finals: dict, path: Path) -> None:
+    """Validation loss over tokens of each variant at its best point (mean, band min-max)."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
+    for v in args.variants:
+        runs = best_runs(args, results, finals, v)
+        if not runs:
+            continue
+        tokens = common_tokens(runs)
+        vals = [[dict(r["evals"])[t] for r in runs] for t in tokens]
+        ax.plot(tokens, [statistics.fmean(x) for x in vals], marker="o", ms=3, label=f"{v} ({best_point(finals[v])})")
+        ax.fill_between(tokens, [min(x) for x in vals], [max(x) for x in vals], alpha=0.2)
+    ax.set(xlabel="tokens", ylabel="validation loss", title="each variant at its best point (band: min-max over seeds)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save_png(fig, path)
+
+
 def write_sweep_report(out: Path, cfg, args, results: dict, command: str) -> Path:
     finals = point_finals(args, results)
     plot_sweep(args, finals, out / "sweep.png")
+    plot_best_curves(args, results, finals, out / "best_curves.png")
     lines = [f"# Sweep `{args.name}`: plain versus preconditioned attention", "", *setup_lines(cfg, args, command)]
     lines.append(f"- Sweep: {len(args.points)} points ({', '.join(f'`{p}`' for p in args.sweep)}) x variants x seeds")
     lines += ["", "## Final validation loss per point", "", "Mean ± sample standard deviation over seeds "]
@@ -436,4 +548,10 @@ def write_sweep_report(out: Path, cfg, args, results: dict, command: str) -> Pat
     lines += ["## Best point and sensitivity", "", "The best point is the lowest mean final loss where no seed"]
     lines[-1] += f" diverged; the width is the range of points within {SENSITIVITY_NATS} nats of it."
     lines += ["", *best_table(args, finals)]
+    reach, target = reach_table(args, results, finals)
+    if reach:
+        lines += ["", "## Tokens to `none`'s best loss", "", "Tokens each variant, at its best point, takes to reach"]
+        lines[-1] += f" `none`'s mean final validation loss at its best point ({target:.4f}); mean ± sd over seeds."
+        lines += ["", *reach, "", "![each variant at its best point](best_curves.png)"]
+    lines += ["", "## What this shows", "", *sweep_verdict(args, cfg, finals)]
     return write_files(out, lines, {f"{p}/{v}-seed{s}": r for (p, v, s), r in results.items()})

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from launcher import experiment
 from launcher import experiment_report as rep
@@ -50,9 +52,16 @@ def test_experiment_runs_and_reports(tmp_path, capsys):
     over = tiny_overrides(glob, tmp_path / "cache", tmp_path / "unused", **{"train.save_interval": 8})
     argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--name", "smoke", "--seeds", "3", "--variants", "none,qkv"]
     argv += ["--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "docs"), "--probe-batch", "2", *over]
+    argv += ["--variant-set", "qkv:train.lr=0.002"]
     assert experiment.main(argv) == 0
     out = tmp_path / "docs" / "smoke"
     readme = (out / "README.md").read_text()
+    assert "- `qkv` alone: `train.lr=0.002`" in readme and "lr per variant" in readme
+    lrs = {
+        v: yaml.safe_load((tmp_path / "runs" / "smoke" / f"{v}-seed3" / "config.yaml").read_text())
+        for v in ("none", "qkv")
+    }
+    assert lrs["qkv"]["train"]["lr"] == 0.002 and lrs["none"]["train"]["lr"] != 0.002
     assert "| `none` |" in readme and "| `qkv` |" in readme and "final val loss" in readme
     assert "O before" in readme and "## What this shows" in readme
     for png in ("val_loss.png", "conditioning.png"):
@@ -97,6 +106,46 @@ def test_sweep_marks_divergence_and_finds_the_best_point():
     assert "| `qkv` | `lr=0.001` | 5.0500 ± 0.0707" in lines
 
 
+def test_sweep_sensitivity_and_tokens_to_target():
+    points = [{"name": f"lr={lr}", "values": {"train.lr": lr}} for lr in (1e-3, 2e-3, 4e-3)]
+    args = SimpleNamespace(seeds=[1, 2], variants=["none", "qk"], points=points)
+
+    def run(*losses, **extra):
+        return {"evals": [(100 * i, x) for i, x in enumerate(losses, 1)], "failed": False, **extra}
+
+    results = {
+        ("lr=0.001", "none", 1): run(7.0, 6.0, 5.0),
+        ("lr=0.001", "none", 2): run(7.0, 6.0, 5.2),  # none's best: mean 5.1
+        ("lr=0.002", "none", 1): run(7.0, 6.5, 5.6),
+        ("lr=0.002", "none", 2): run(7.0, 6.5, 5.4),
+        ("lr=0.004", "none", 1): run(7.0, 8.0, math.nan),
+        ("lr=0.004", "none", 2): run(7.0, 9.0, 9.5),  # both diverged
+        ("lr=0.001", "qk", 1): run(7.0, 5.5, 5.0),
+        ("lr=0.001", "qk", 2): run(7.0, 5.5, 5.0),
+        ("lr=0.002", "qk", 1): run(7.0, 5.1, 4.9),  # qk's best: reaches 5.1 at 200 tokens
+        ("lr=0.002", "qk", 2): run(7.0, 6.1, 4.9),  # reaches 5.1 at 200 + 100 * 1.0/1.2
+        ("lr=0.004", "qk", 1): run(7.0, 6.0, 5.5),
+        ("lr=0.004", "qk", 2): run(7.0, 6.0),  # cut short: left out, not counted as diverged
+    }
+    results[("lr=0.004", "qk", 2)]["unfinished"] = True
+    finals = rep.point_finals(args, results)
+    assert finals["none"]["lr=0.004"]["diverged"] == 2 and finals["qk"]["lr=0.004"]["unfinished"] == 1
+    assert rep.finals_cell(finals["qk"]["lr=0.004"]).endswith("(1/2 unfinished)")
+    cap = math.log(4096)
+    # mean over points of min(final, cap) - best; a diverged point counts as the cap
+    assert rep.sensitivity(finals["none"], cap) == pytest.approx((5.1 + 5.5 + cap) / 3 - 5.1)
+    assert rep.sensitivity(finals["qk"], cap) == pytest.approx((5.0 + 4.9 + 5.5) / 3 - 4.9)
+    table, target = rep.reach_table(args, results, finals)
+    assert target == pytest.approx(5.1)
+    # none seed 1 crosses 5.1 at 200 + 100 * 0.9 / 1.0 = 290, seed 2 never; qk at 200 and 200 + 100 / 1.2
+    qk_mean = (200 + 200 + 100 / 1.2) / 2
+    text = "\n".join(table)
+    assert "| `none` | `lr=0.001` | 290 (1/2 never) | - |" in text
+    assert f"| `qk` | `lr=0.002` | 242 ± 59 (200-283, n=2) | {qk_mean / 290:.2f}x |" in text
+    verdict = "\n".join(rep.sweep_verdict(args, SimpleNamespace(model=SimpleNamespace(vocab_size=4096)), finals))
+    assert "`qk` vs `none`: 0.2000 lower" in verdict and "LR sensitivity" in verdict
+
+
 @pytest.mark.slow
 def test_sweep_runs_and_reports(tmp_path, capsys):
     glob = write_corpus(tmp_path / "corpus")
@@ -104,7 +153,7 @@ def test_sweep_runs_and_reports(tmp_path, capsys):
     over = tiny_overrides(glob, tmp_path / "cache", tmp_path / "unused", **extra)
     argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--name", "sw", "--seeds", "1", "--variants", "none,qkv"]
     argv += ["--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "docs"), "--probe-batch", "2"]
-    argv += ["--conditioning-interval", "0", "--sweep", "train.lr=1e-3,3e-3", *over]
+    argv += ["--conditioning-interval", "0", "--sweep", "train.lr=1e-3,3e-3", "--jobs", "2", *over]
     assert experiment.main(argv) == 0
     for point in ("lr=0.001", "lr=0.003"):
         for v in ("none", "qkv"):
@@ -115,10 +164,20 @@ def test_sweep_runs_and_reports(tmp_path, capsys):
     readme = (out / "README.md").read_text()
     assert "| `lr=0.001` |" in readme and "| `lr=0.003` |" in readme
     assert "| point | `none` | `qkv` |" in readme and "| `qkv` | `lr=0.00" in readme
-    assert (out / "sweep.png").read_bytes()[:8] == PNG
+    assert "## Tokens to `none`'s best loss" in readme and "LR sensitivity" in readme
+    for png in ("sweep.png", "best_curves.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+    # two runs at once, each on its share of the cores
+    threads = yaml.safe_load((tmp_path / "runs" / "sw" / "lr=0.001" / "none-seed1" / "config.yaml").read_text())
+    assert threads["train"]["threads"] == max(1, (os.cpu_count() or 1) // 2)
     capsys.readouterr()
     assert experiment.main(argv) == 0  # resumable: finished runs are skipped
     assert capsys.readouterr().out.count("already finished") == 4
+    # a failed run is marked on disk, and a report-only pass counts it as diverged
+    (tmp_path / "runs" / "sw" / "lr=0.003" / "qkv-seed1" / experiment.FAILED).write_text("training failed\n")
+    assert experiment.main([*argv, "--report-only"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["lr=0.003/qkv-seed1"]["failed"] and not results["lr=0.001/qkv-seed1"]["failed"]
 
 
 @pytest.mark.parametrize(
@@ -136,3 +195,20 @@ def test_bad_sweep_is_a_one_line_error(capsys, spec, words):
     assert experiment.run_main(experiment.main, argv) == 2
     err = capsys.readouterr().err
     assert "--sweep" in err and words in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--variant-set", "qkv"], "VARIANT:section.key=value"),
+        (["--variant-set", "row:train.lr=0.01"], "not one of --variants"),
+        (["--variant-set", "qk:train.seed=3"], "set by the experiment"),
+        (["--variant-set", "qk:train.lr=-1"], "train.lr"),
+        (["--jobs", "0"], "--jobs"),
+    ],
+)
+def test_bad_variant_set_or_jobs_is_a_one_line_error(capsys, extra, words):
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--variants", "none,qk,qkv", *extra]
+    assert experiment.run_main(experiment.main, argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
