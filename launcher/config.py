@@ -33,7 +33,10 @@ class TrainConfig:
     max_steps: int = 200
     """Optimizer steps to train for."""
     seed: int = 1234
-    """Seed of the model init and of the data order."""
+    """Seed of the model init and (unless data_seed is set) of the data order."""
+    data_seed: int = -1
+    """Seed of the order of the training windows (-1 = train.seed): vary it alone to tell
+    data-order noise from init noise."""
     micro_batch_size: int = 8
     """Windows per rank per forward pass."""
     grad_accum: int = 1
@@ -77,6 +80,11 @@ class TrainConfig:
     """Recompute each transformer block's activations in the backward pass instead of keeping
     them (torch.utils.checkpoint, non-reentrant): less memory for about one more forward pass."""
 
+    @property
+    def order_seed(self) -> int:
+        """The seed of the training-window order."""
+        return self.seed if self.data_seed < 0 else self.data_seed
+
     def __post_init__(self) -> None:
         check_choice("train", "precision", self.precision, PRECISIONS)
         check_range("train", "dist_timeout", self.dist_timeout, self.dist_timeout >= 10, "an int >= 10 (seconds)")
@@ -85,6 +93,7 @@ class TrainConfig:
         for key in ("save_interval", "eval_interval", "warmup_steps", "threads"):
             check_range("train", key, getattr(self, key), getattr(self, key) >= 0, "an int >= 0")
         check_range("train", "log_interval", self.log_interval, self.log_interval >= 1, "a positive int")
+        check_range("train", "data_seed", self.data_seed, self.data_seed >= -1, "an int >= 0, or -1 for train.seed")
         check_range("train", "lr", self.lr, self.lr > 0, "a positive float")
         check_range("train", "min_lr", self.min_lr, 0 <= self.min_lr <= self.lr, "0 <= min_lr <= train.lr")
 

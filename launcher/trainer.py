@@ -75,7 +75,7 @@ class Trainer:
             self.prepared,
             rank=dist.rank(),
             world_size=dist.world_size(),
-            seed=cfg.train.seed,
+            seed=cfg.train.order_seed,
             batch_size=cfg.train.micro_batch_size,
             pin_memory=self.device.type == "cuda",
         )

@@ -47,6 +47,11 @@ def test_overrides_are_typed():
     assert load_run_config(None, ["data.files=corpus/*.txt"]).data.files == ["corpus/*.txt"]
 
 
+def test_data_order_follows_the_seed_unless_data_seed_is_set():
+    assert load_run_config(None, ["train.seed=3"]).train.order_seed == 3
+    assert load_run_config(None, ["train.seed=3", "train.data_seed=0"]).train.order_seed == 0
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -62,6 +67,7 @@ def test_overrides_are_typed():
         ("train.max_steps=ten", r"train.max_steps: 'ten' is not a valid int"),
         ("train.lr=fast", r"train.lr: 'fast' is not a valid float"),
         ("train.max_steps=0", r"train.max_steps: 0 is out of range; expected a positive int"),
+        ("train.data_seed=-2", r"train.data_seed: -2 is out of range; expected an int >= 0, or -1 for train.seed"),
         ("deepspeed.zero_stage=4", r"deepspeed.zero_stage: 4 is not a valid choice"),
         ("model.n_kv_heads=3", r"model.n_kv_heads: 3 is out of range; expected a divisor of model.n_heads"),
         ("data.seq_len=100000", r"data.seq_len: 100000 is larger than model.max_seq_len"),
