@@ -4,7 +4,7 @@ Legend: B batch, Hq query heads, Hkv key/value heads, T tokens, D head dim.
 A kernel computes softmax(Q K^T / sqrt(D) + causal mask) V. Every backend is called as
 run(q, k, v, causal, pre, eps) with `pre` a Preconditioner: triton fuses it into its tiles, the
 others apply its prologue and epilogue around the kernel. `attention` resolves the backend once
-per (backend, preconditioner, device, dtype).
+per (backend, preconditioner, device, dtype, head dim).
 """
 
 from __future__ import annotations
@@ -151,6 +151,18 @@ def _fuses(backend: str, precondition: str | None) -> bool:
     return fused_flags(get_preconditioner(precondition)) is not None
 
 
+@torch.compiler.assume_constant_result
+def _resolved_name(backend: str, precondition: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The backend attention() runs for these inputs, resolved once per key. torch.compile calls it
+    at trace time and keeps the answer as a constant, so a compiled model never traces the
+    resolution (imports, device queries) and never recompiles when the cache fills."""
+    key = (backend, precondition, device, dtype, head_dim)
+    if key not in _resolved:
+        probe = torch.empty(0, 1, 0, head_dim, dtype=dtype, device=device)  # what the checks read of q
+        _resolved[key] = resolve_backend(backend, probe, precondition=precondition)
+    return _resolved[key]
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -166,7 +178,5 @@ def attention(
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     pre = get_preconditioner(precondition)
-    key = (backend, pre, q.device, q.dtype)
-    if key not in _resolved:
-        _resolved[key] = resolve_backend(backend, q, precondition=precondition)
-    return BACKENDS[_resolved[key]].run(q, k, v, causal, pre, eps)
+    name = _resolved_name(backend, precondition, q.device, q.dtype, q.shape[-1])
+    return BACKENDS[name].run(q, k, v, causal, pre, eps)

@@ -1,9 +1,10 @@
 """Backward Triton kernels of the fused preconditioned FlashAttention.
 
 Legend: M query rows of a block, N key/value rows of a block, D head dim (BLOCK_D padded).
-The attention backward runs on the normalised rows qn, kn, vn without materialising them
-(the scales enter as row/column factors, as in the forward, through kernels/triton_tiles.py);
-the row-scale gradients are folded into each kernel's epilogue, the rms-norm backward without gain:
+The attention backward runs on the normalised rows qn, kn, vn without materialising them: the
+forward's fp32 row scales (saved, not recomputed) enter as row/column factors of S, P, dP and dS,
+q, k and v enter the dots as given; the row-scale gradients are folded into each kernel's
+epilogue, the rms-norm backward without gain:
     xn = x r, r = rsqrt(mean(x^2) + eps)  =>  dx = r (dxn - xn mean(dxn xn))
 For `row`, `preprocess_kernel` turns dO into the gradient w.r.t. the unscaled output.
 Two kernels, so that no atomics are needed: dk/dv (one program per key block and key/value
@@ -15,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_tiles import dot_t, key_bounds, load_rows, program_rows, row_rscale, scaled_q, store_rows, visible
+from kernels.triton_tiles import dot_t, key_bounds, load_rows, load_scales, program_rows, store_rows, visible
 
 
 @triton.jit
@@ -48,19 +49,21 @@ def preprocess_kernel(
 
 @triton.jit
 def _dkdv_inner(
-    dk_ND, dv_ND, k_ND, v_ND, rk_N, rv_N, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_dot,
-    cols, offs_d, lo, hi, T, sm_scale, eps,
+    dk_ND, dv_ND, k_ND, v_ND, rk_N, rv_N, q_ptr, do_ptr, lse_ptr, delta_ptr, rq_ptr, stride_qt, stride_dot,
+    cols, offs_d, lo, hi, T, sm_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
     PRE_QK: tl.constexpr, PRE_V: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dkn (in log2-scaled units) and dvn over query blocks [lo, hi); MASK: the causal diagonal."""
+    """Accumulate dkn / sm_scale and dvn over query blocks [lo, hi); MASK: the causal diagonal."""
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        qs_MD = scaled_q(load_rows(q_ptr, rows, stride_qt, offs_d, T, D), sm_scale, eps, D, PRE_QK)
+        q_MD = load_rows(q_ptr, rows, stride_qt, offs_d, T, D)
+        rq_M = load_scales(rq_ptr, rows, T, PRE_QK)
         # rows past T get lse = +inf, hence P = 0 and no contribution (and no NaN)
         lse_M = tl.load(lse_ptr + rows, mask=rows < T, other=float("inf"))
-        pT_NM = tl.math.exp2(dot_t(k_ND, qs_MD, rk_N[:, None], PRE_QK, PREC) - lse_M[None, :])
+        sT_NM = dot_t(k_ND, q_MD, rk_N[:, None], PRE_QK, PREC) * (rq_M * (sm_scale * 1.4426950408889634))[None, :]
+        pT_NM = tl.math.exp2(sT_NM - lse_M[None, :])
         if MASK:
             pT_NM = visible(pT_NM, rows[None, :], cols[:, None], T, 0.0, True)
         do_MD = load_rows(do_ptr, rows, stride_dot, offs_d, T, D)
@@ -68,15 +71,17 @@ def _dkdv_inner(
         dpT_NM = dot_t(v_ND, do_MD, rv_N[:, None], PRE_V, PREC)
         delta_M = tl.load(delta_ptr + rows, mask=rows < T, other=0.0)
         dsT_NM = pT_NM * (dpT_NM - delta_M[None, :])
-        dk_ND += tl.dot(dsT_NM.to(qs_MD.dtype), qs_MD, input_precision=PREC)
+        if PRE_QK:  # dS^T qn = (dS^T C_Q) q
+            dsT_NM = dsT_NM * rq_M[None, :]
+        dk_ND += tl.dot(dsT_NM.to(q_MD.dtype), q_MD, input_precision=PREC)
     return dk_ND, dv_ND
 
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, RQ, RK, RV, DK, DV,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-    T, Hq, Hkv, GROUP, sm_scale, eps,
+    T, Hq, Hkv, GROUP, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     PRE_QK: tl.constexpr, PRE_V: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -89,8 +94,8 @@ def attn_bwd_dkdv_kernel(
     v_ptr = V + b * sv_b + hkv * sv_h
     k_ND = load_rows(k_ptr, cols, sk_t, offs_d, T, D)
     v_ND = load_rows(v_ptr, cols, sv_t, offs_d, T, D)
-    rk_N = row_rscale(k_ND.to(tl.float32), D, eps)
-    rv_N = row_rscale(v_ND.to(tl.float32), D, eps)
+    rk_N = load_scales(RK + pid_bh * T, cols, T, PRE_QK)
+    rv_N = load_scales(RV + pid_bh * T, cols, T, PRE_V)
     dk_ND = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv_ND = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     start_n = tl.program_id(0) * BLOCK_N
@@ -100,20 +105,21 @@ def attn_bwd_dkdv_kernel(
         do_ptr = DO + b * sdo_b + hq * sdo_h
         lse_ptr = LSE + (b * Hq + hq) * T
         delta_ptr = DELTA + (b * Hq + hq) * T
+        rq_ptr = RQ + (b * Hq + hq) * T
         if CAUSAL:  # the diagonal block is masked; query blocks below it see every key
             dk_ND, dv_ND = _dkdv_inner(
-                dk_ND, dv_ND, k_ND, v_ND, rk_N, rv_N, q_ptr, do_ptr, lse_ptr, delta_ptr, sq_t, sdo_t,
-                cols, offs_d, start_n, start_n + BLOCK_N, T, sm_scale, eps, D, BLOCK_M, True, PRE_QK, PRE_V, PREC,
+                dk_ND, dv_ND, k_ND, v_ND, rk_N, rv_N, q_ptr, do_ptr, lse_ptr, delta_ptr, rq_ptr, sq_t, sdo_t,
+                cols, offs_d, start_n, start_n + BLOCK_N, T, sm_scale, D, BLOCK_M, True, PRE_QK, PRE_V, PREC,
             )  # fmt: skip
             lo = start_n + BLOCK_N
         else:
             lo = 0
         dk_ND, dv_ND = _dkdv_inner(
-            dk_ND, dv_ND, k_ND, v_ND, rk_N, rv_N, q_ptr, do_ptr, lse_ptr, delta_ptr, sq_t, sdo_t,
-            cols, offs_d, lo, T, T, sm_scale, eps, D, BLOCK_M, False, PRE_QK, PRE_V, PREC,
+            dk_ND, dv_ND, k_ND, v_ND, rk_N, rv_N, q_ptr, do_ptr, lse_ptr, delta_ptr, rq_ptr, sq_t, sdo_t,
+            cols, offs_d, lo, T, T, sm_scale, D, BLOCK_M, False, PRE_QK, PRE_V, PREC,
         )  # fmt: skip
 
-    dk_ND = dk_ND * 0.6931471805599453  # qs carries sm_scale * log2(e); dkn = sm_scale dS^T qn
+    dk_ND = dk_ND * sm_scale  # dkn = sm_scale dS^T qn
     if PRE_QK:  # rms-norm backward through C_K (reload: shorter register lifetimes in the loop)
         kn_ND = load_rows(k_ptr, cols, sk_t, offs_d, T, D).to(tl.float32) * rk_N[:, None]
         dk_ND = rms_norm_bwd(dk_ND, kn_ND, rk_N, D)
@@ -126,7 +132,8 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq_MD, qs_MD, do_MD, lse_M, delta_M, k_ptr, v_ptr, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, eps,
+    dq_MD, q_MD, qs_M, do_MD, lse_M, delta_M, k_ptr, v_ptr, rk_ptr, rv_ptr, stride_kt, stride_vt, offs_m, offs_d,
+    lo, hi, T,
     D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
     PRE_QK: tl.constexpr, PRE_V: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -137,11 +144,11 @@ def _dq_inner(
         cols = start_n + offs_n
         k_ND = load_rows(k_ptr, cols, stride_kt, offs_d, T, D)
         v_ND = load_rows(v_ptr, cols, stride_vt, offs_d, T, D)
-        rk_N = row_rscale(k_ND.to(tl.float32), D, eps)
-        p_MN = tl.math.exp2(dot_t(qs_MD, k_ND, rk_N[None, :], PRE_QK, PREC) - lse_M[:, None])
+        rk_N = load_scales(rk_ptr, cols, T, PRE_QK)
+        p_MN = tl.math.exp2(dot_t(q_MD, k_ND, rk_N[None, :], PRE_QK, PREC) * qs_M[:, None] - lse_M[:, None])
         if MASK:
             p_MN = visible(p_MN, offs_m[:, None], cols[None, :], T, 0.0, CAUSAL)
-        dp_MN = dot_t(do_MD, v_ND, row_rscale(v_ND.to(tl.float32), D, eps)[None, :], PRE_V, PREC)
+        dp_MN = dot_t(do_MD, v_ND, load_scales(rv_ptr, cols, T, PRE_V)[None, :], PRE_V, PREC)
         ds_MN = p_MN * (dp_MN - delta_M[:, None])
         if PRE_QK:  # dS kn = (dS C_K) k
             ds_MN = ds_MN * rk_N[None, :]
@@ -151,9 +158,9 @@ def _dq_inner(
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, RQ, RK, RV, DQ,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t,
-    T, Hq, GROUP, sm_scale, eps,
+    T, Hq, GROUP, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     PRE_QK: tl.constexpr, PRE_V: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -161,11 +168,13 @@ def attn_bwd_dq_kernel(
     """One program: BLOCK_M query rows of one (batch, query head). Writes DQ (B, Hq, T, D contiguous)."""
     pid_bh, b, hq, offs_m = program_rows(Hq, BLOCK_M)
     hkv = hq // GROUP
+    kv_bh = b * (Hq // GROUP) + hkv
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
     q_MD = load_rows(Q + b * sq_b + hq * sq_h, offs_m, sq_t, offs_d, T, D)
     do_MD = load_rows(DO + b * sdo_b + hq * sdo_h, offs_m, sdo_t, offs_d, T, D)
-    qs_MD = scaled_q(q_MD, sm_scale, eps, D, PRE_QK)
+    rq_M = load_scales(RQ + pid_bh * T, offs_m, T, PRE_QK)
+    qs_M = rq_M * (sm_scale * 1.4426950408889634)
     lse_M = tl.load(LSE + pid_bh * T + offs_m, mask=row_ok, other=float("inf"))
     delta_M = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
 
@@ -173,17 +182,18 @@ def attn_bwd_dq_kernel(
     hi_full, hi = key_bounds(T, BLOCK_M, BLOCK_N, CAUSAL)
     k_ptr = K + b * sk_b + hkv * sk_h
     v_ptr = V + b * sv_b + hkv * sv_h
+    rk_ptr = RK + kv_bh * T
+    rv_ptr = RV + kv_bh * T
     dq_MD = _dq_inner(
-        dq_MD, qs_MD, do_MD, lse_M, delta_M, k_ptr, v_ptr, sk_t, sv_t, offs_m, offs_d, 0, hi_full, T, eps,
-        D, BLOCK_N, CAUSAL, False, PRE_QK, PRE_V, PREC,
+        dq_MD, q_MD, qs_M, do_MD, lse_M, delta_M, k_ptr, v_ptr, rk_ptr, rv_ptr, sk_t, sv_t, offs_m, offs_d,
+        0, hi_full, T, D, BLOCK_N, CAUSAL, False, PRE_QK, PRE_V, PREC,
     )  # fmt: skip
     dq_MD = _dq_inner(
-        dq_MD, qs_MD, do_MD, lse_M, delta_M, k_ptr, v_ptr, sk_t, sv_t, offs_m, offs_d, hi_full, hi, T, eps,
-        D, BLOCK_N, CAUSAL, True, PRE_QK, PRE_V, PREC,
+        dq_MD, q_MD, qs_M, do_MD, lse_M, delta_M, k_ptr, v_ptr, rk_ptr, rv_ptr, sk_t, sv_t, offs_m, offs_d,
+        hi_full, hi, T, D, BLOCK_N, CAUSAL, True, PRE_QK, PRE_V, PREC,
     )  # fmt: skip
 
     dq_MD = dq_MD * sm_scale
-    if PRE_QK:  # rms-norm backward through C_Q (the scale recomputed: not held through the loop)
-        rq_M = row_rscale(q_MD.to(tl.float32), D, eps)
+    if PRE_QK:  # rms-norm backward through C_Q, with the saved scale
         dq_MD = rms_norm_bwd(dq_MD, q_MD.to(tl.float32) * rq_M[:, None], rq_M, D)
     store_rows(DQ + pid_bh * T * D, dq_MD, offs_m, D, offs_d, T, D)

@@ -1,8 +1,10 @@
 """Tile math of the fused Triton attention, written once for the forward kernel
 (kernels/triton_attention_fwd.py) and the backward kernels that recompute its S and P
-(kernels/triton_attention_bwd.py). All are `@triton.jit` functions, inlined where called.
+(kernels/triton_attention_bwd.py), and the pre-pass that computes the preconditioner's row
+scales once. The `@triton.jit` functions are inlined where called.
 
 Legend: M query rows of one block, N key/value rows of one block, D head dim (BLOCK_D padded).
+Offsets of a (batch, head) matrix are int64 (pid_bh is): B * H * T * D may pass 2^31.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import triton.language as tl
 
 @triton.jit
 def program_rows(H, BLOCK: tl.constexpr):
-    """(pid_bh, batch, head, row offsets) of this program, launched on (T blocks, batch * H heads)."""
-    pid_bh = tl.program_id(1)
+    """(pid_bh, batch, head, row offsets) of this program, launched on (T blocks, batch * H heads);
+    pid_bh, batch and head are int64, so every base offset computed from them is."""
+    pid_bh = tl.program_id(1).to(tl.int64)
     return pid_bh, pid_bh // H, pid_bh % H, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
 
 
@@ -39,19 +42,29 @@ def row_rscale(x, D: tl.constexpr, eps):
 
 
 @triton.jit
-def scaled_q(q_MD, sm_scale, eps, D: tl.constexpr, PRE_QK: tl.constexpr):
-    """q's rows times sm_scale * log2(e) (scores in the log2 domain) and, for PRE_QK, C_Q;
-    scaled in fp32, then rounded to q's dtype for the dots."""
-    q_scale = tl.full([q_MD.shape[0]], sm_scale * 1.4426950408889634, tl.float32)
-    if PRE_QK:
-        q_scale = q_scale * row_rscale(q_MD.to(tl.float32), D, eps)
-    return (q_MD.to(tl.float32) * q_scale[:, None]).to(q_MD.dtype)
+def load_scales(ptr, rows, T, ON: tl.constexpr):
+    """The fp32 row scales at ptr[rows] (1 past T) when ON, else ones: a (rows,) vector."""
+    if ON:
+        return tl.load(ptr + rows, mask=rows < T, other=1.0)
+    return tl.full([rows.shape[0]], 1.0, tl.float32)
+
+
+@triton.jit
+def row_scales_kernel(
+    X, R, sx_b, sx_h, sx_t, T, H, eps, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr
+):  # fmt: skip
+    """The pre-pass: R (B*H, T) fp32 = 1/rms of each row of X (B, H, T, D), computed once per
+    call, so that the attention loops only scale S, P and dS by loaded vectors."""
+    pid_bh, b, h, rows = program_rows(H, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    x = load_rows(X + b * sx_b + h * sx_h, rows, sx_t, offs_d, T, D).to(tl.float32)
+    tl.store(R + pid_bh * T + rows, row_rscale(x, D, eps), mask=rows < T)
 
 
 @triton.jit
 def dot_t(a, b, r, SCALE: tl.constexpr, PREC: tl.constexpr):
-    """a b^T, times r (the normalised operand's row scales, broadcast) when SCALE: C_K in S = qs kn^T
-    (or S^T = kn qs^T), C_V in dP = dO vn^T, so kn and vn are never formed."""
+    """a b^T, times r (the normalised operand's row scales, broadcast) when SCALE: C_K in S = q kn^T
+    (or S^T = kn q^T), C_V in dP = dO vn^T, so kn and vn are never formed."""
     s = tl.dot(a, tl.trans(b), input_precision=PREC)
     if SCALE:
         s = s * r

@@ -1,18 +1,22 @@
 """The fused Triton kernel (backend="triton") against independent float64 references.
 
 On the CPU these run the kernels in Triton's interpreter (TRITON_INTERPRET=1, set by
-run_tests.sh and below), at small sizes; tests marked `cuda` run the compiled kernels.
+run_tests.sh and below), at small sizes; tests marked `cuda` run the compiled kernels. On a
+CUDA machine the environment decides: TRITON_INTERPRET unset or 0 compiles the kernels
+(bench/gpu_check.sh), 1 interprets them.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported (decoration time)
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported (decoration time)
 
 import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 triton_attention = pytest.importorskip("kernels.triton_attention")
 
@@ -155,6 +159,44 @@ def test_wrong_dtype_and_cpu_without_interpreter_are_clear(monkeypatch):
         attention(q.float(), k.float(), v.float(), backend="triton")
 
 
+def test_head_dims_past_the_tiles_are_refused_and_auto_falls_back(monkeypatch):
+    q, k, v = make_qkv(1, 2, 1, 8, 256)
+    assert "head dims up to 128" in triton_attention.unavailable_reason(q)
+    with pytest.raises(ValueError, match="head dims up to 128, got 256"):
+        attention(q, k, v, backend="triton")
+    B = backends_mod.BACKENDS
+    monkeypatch.setitem(B, "flash", backends_mod.Backend("flash", B["flash"].run, False, lambda q, device: None))
+    assert resolve_backend("auto", q, device="cuda") == "flash"  # the real triton check, on a "GPU"
+
+
+def test_block_shapes_fit_registers_and_shared_memory():
+    """Every kernel has a default block shape at each head dim and dtype; the defaults keep the
+    causal diagonal aligned, fit the shared-memory plan, and at D=128 keep each fp32 accumulator
+    at 64 registers per thread or fewer (255 is the most a thread has)."""
+    for kernel in ("fwd", "dkdv", "dq"):
+        for block_d in (16, 32, 64, 128):
+            for elem in (2, 4):
+                m, n, warps, stages = triton_attention.tile_configs(kernel, block_d, elem)[0]
+                assert (m % n if kernel != "dkdv" else n % m) == 0, (kernel, m, n)
+                assert triton_attention.smem_bytes(kernel, m, n, stages, block_d, elem) <= triton_attention.SMEM_BYTES
+                acc_rows = {"fwd": m, "dkdv": 2 * n, "dq": m}[kernel]  # dkdv holds dk and dv
+                if block_d == 128 and elem == 2:
+                    assert acc_rows * block_d / (32 * warps) <= 64, (kernel, m, n, warps)
+
+
+def test_torch_compile_keeps_the_kernel_in_one_graph():
+    """train.compile: the forward and backward are custom ops, so dynamo neither traces into the
+    Triton launches nor breaks the graph, and the compiled call gives the eager numbers."""
+    q, k, v = make_qkv(1, 2, 1, 19, 16)
+    do = torch.randn_like(q)
+    fn = lambda q, k, v: attention(q, k, v, precondition="qkv", backend="triton")
+    explained = torch._dynamo.explain(fn)(q, k, v)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    for a, b in zip(grads(fn, q, k, v, do), grads(compiled, q, k, v, do), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_auto_order(monkeypatch):
     assert resolve_backend("auto", device="cpu") == "sdpa"
     B = backends_mod.BACKENDS
@@ -189,6 +231,24 @@ def test_cuda_low_precision_matches_float64(dtype, D, precondition):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_fp32_long_sequence():
     check_against_float64((1, 4, 4, 4096 + 17, 64), "qkv", causal=True, dtype=torch.float32, rel_tol=FP32_TOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_offsets_past_2_31_elements():
+    """q and o of 2.2e9 elements (17000 query heads on one key/value head): base offsets of the
+    last heads pass 2^31, which int32 arithmetic would wrap. The last heads match SDPA."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    Hq, T, D = 17000, 1024, 128
+    assert Hq * T * D > 2**31
+    q = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(1, 1, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    out = attention(q, k, v, precondition="qkv", backend="triton")
+    tail = slice(Hq - 3, Hq)
+    want = attention(q[:, tail], k, v, precondition="qkv", backend="sdpa")
+    err = (out[:, tail].float() - want.float()).abs().max().item()
+    del q, out
+    assert err <= 2e-2 * want.float().abs().max().item(), err
 
 
 @pytest.mark.cuda

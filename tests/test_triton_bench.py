@@ -25,3 +25,37 @@ def test_flops_and_targets():
         "T=8 D=4 fwd+bwd: triton qkv / sdpa none = 1.00 (target <= 1.10); "
         "triton qkv / (normalise + sdpa) = 0.50 (target < 1)"
     ]
+
+
+def test_a_failing_row_is_reported_and_the_table_and_files_still_come_out(monkeypatch, tmp_path, capsys):
+    """One row's compile/launch error (here a stand-in for Triton's OutOfResources) is that row's
+    note; the other rows, the target summary and OUT/attention.{md,json} still come out."""
+    import json
+
+    import bench.attention as bench
+
+    class OutOfResources(RuntimeError):
+        pass
+
+    real = bench.measure
+
+    def measure(backend, precondition, s, repeats, device):
+        if precondition == "qkv":
+            raise OutOfResources("out of resource: shared memory, Required: 262144, Hardware limit: 232448\nmore")
+        return real(backend, precondition, s, repeats, device)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    assert main(["--quick", "--backends", "sdpa", "--repeats", "1", "--out", str(tmp_path)]) == 1
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 128 |")]
+    assert len(rows) == 2 and "error: OutOfResources: out of resource: shared memory" in rows[1]
+    assert " | - | " not in rows[0]
+    table = (tmp_path / "attention.md").read_text()
+    assert table.startswith("device: ") and rows[0] in table and rows[1] in table
+    data = json.loads((tmp_path / "attention.json").read_text())
+    assert [r["precondition"] for r in data["rows"]] == ["none", "qkv"] and "fwd_ms" in data["rows"][0]
+
+
+def test_rows_past_the_budget_are_skipped(capsys):
+    assert main(["--quick", "--backends", "sdpa", "--repeats", "1", "--budget", "0"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 128 |")]
+    assert len(rows) == 2 and all("skipped: past the time budget of 0 s" in r for r in rows)
