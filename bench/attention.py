@@ -3,11 +3,14 @@ preconditioner, printed as one markdown table (paste it into docs/benchmarks.md)
 
     python -m bench.attention            # CUDA: T 1k-8k, D 64/128, bf16; CPU: small sizes
     python -m bench.attention --quick    # a few seconds anywhere (smoke test of the script)
+    python -m bench.attention --out DIR --budget 120   # also DIR/attention.md and .json; stop measuring at 120 s
 
 Rows: eager, sdpa (the flash backend of SDPA on CUDA), flash (the flash-attn package) and
 triton (our fused kernel), each with `none` and `qkv`, and triton with `row`. sdpa/flash with
 `qkv` are separate normalisation kernels followed by the attention kernel, which is exactly
-what backend="sdpa"/"flash" run. A row that cannot run here says why instead of a time.
+what backend="sdpa"/"flash" run. A row that cannot run here says why instead of a time, and a
+row that fails (a Triton compile or launch error, out of memory) says so in its note: the table
+and the target summary still come out, and the exit status is 1.
 FLOPs: causal forward 2 matmuls of 2*T*T*D halved by the mask; backward 2.5x the forward.
 """
 
@@ -15,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
+import json
 import platform
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -48,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--repeats", type=int, help="timed repeats per cell (median reported)")
     p.add_argument("--backends", nargs="+", default=[b for b in dict(CASES)], help="subset of backends to run")
+    p.add_argument("--out", type=Path, help="also write OUT/attention.md (the table) and OUT/attention.json (rows)")
+    p.add_argument("--budget", type=float, help="seconds: rows not started by then are skipped; the table still prints")
     return p.parse_args(argv)
 
 
@@ -138,10 +144,13 @@ def cell(backend: str, precondition: str, s: Sizes, repeats: int, device: torch.
     try:
         f_ms, fb_ms = measure(backend, precondition, s, repeats, device)
     except torch.OutOfMemoryError:
-        return {**row, "note": "out of memory"}
+        return {**row, "note": "error: out of memory"}
+    except Exception as e:  # one failing row (OutOfResources, a PTXAS error, ...) must not end the table
+        return {**row, "note": error_note(e)}
     finally:
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            with contextlib.suppress(Exception):  # a launch error can leave the context unusable
+                torch.cuda.empty_cache()
     tflops = lambda flops, ms: flops / (ms * 1e-3) / 1e12
     return {
         **row,
@@ -151,6 +160,13 @@ def cell(backend: str, precondition: str, s: Sizes, repeats: int, device: torch.
         "fwdbwd_tflops": tflops(attention_flops(s, True), fb_ms),
         "note": "",
     }
+
+
+def error_note(e: BaseException) -> str:
+    """`error: Type: first line of the message` for a table cell (no pipes, at most 160 chars)."""
+    lines = str(e).strip().splitlines()
+    text = f"error: {type(e).__name__}" + (f": {lines[0]}" if lines else "")
+    return text.replace("|", "/")[:160]
 
 
 TABLE_HEAD = "| T | D | backend | precondition | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | note |"
@@ -189,21 +205,39 @@ def device_line(device: torch.device, s: Sizes) -> str:
     return f"device: {name}; {versions}; dtype {s.dtype}; heads {s.heads}; batch * T = {s.batch * s.T}"
 
 
+def write_outputs(out: Path, header: str, rows: list[dict]) -> None:
+    """OUT/attention.md (the header line, the table, the target summary) and OUT/attention.json;
+    rewritten after every row, so a run cut short keeps what it measured."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = [header, "", TABLE_HEAD, "|" + "---|" * 9, *map(format_row, rows), "", *target_summary(rows)]
+    (out / "attention.md").write_text("\n".join(table) + "\n")
+    data = {"device": header, "rows": rows, "targets": target_summary(rows)}
+    (out / "attention.json").write_text(json.dumps(data, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    start = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes, repeats = default_sizes(args, device.type == "cuda")
     cases = [(b, p) for b, p in CASES if b in args.backends]
-    print(device_line(device, sizes[0]), flush=True)
+    header = device_line(device, sizes[0])
+    print(header, flush=True)
     print(TABLE_HEAD + "\n|" + "---|" * 9, flush=True)
     rows = []
     for s in sizes:
         for backend, precondition in cases:
-            rows.append(cell(backend, precondition, s, repeats, device))
+            if args.budget is not None and time.monotonic() - start > args.budget:
+                note = f"skipped: past the time budget of {args.budget:g} s"
+                rows.append({"T": s.T, "D": s.D, "backend": backend, "precondition": precondition, "note": note})
+            else:
+                rows.append(cell(backend, precondition, s, repeats, device))
             print(format_row(rows[-1]), flush=True)  # row by row: a cut-short run keeps what it measured
+            if args.out:
+                write_outputs(args.out, header, rows)
     for line in target_summary(rows):
         print(line)
-    return 0 if all(math.isfinite(r.get("fwd_ms", 0.0)) for r in rows) else 1
+    return 1 if any(r["note"].startswith("error:") for r in rows) else 0
 
 
 if __name__ == "__main__":
