@@ -395,17 +395,24 @@ def sweep_value(point: dict):
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def width_text(args, names: list[str]) -> str:
+def width_text(args, names: list[str], finished_points: int | None = None) -> str:
     """How wide the near-best range is: a count of points, and the swept values at its ends."""
     if not names:
         return "n/a (every point diverged)"
     text = f"{len(names)} of {len(args.points)} points"
+    if finished_points is not None and finished_points < len(args.points):
+        text = f"{len(names)} of the {finished_points} points with a finished run"
     values = [sweep_value(p) for p in args.points if p["name"] in names]
     if None not in values:
         text += f" ({min(values):g}..{max(values):g})"
     elif len(names) > 1:
         text += f" ({names[0]} .. {names[-1]})"
     return text
+
+
+def done(finals: dict[str, dict]) -> int:
+    """How many points have a finished run (trained to the end, or diverged)."""
+    return sum(1 for s in finals.values() if s["n"] or s["diverged"])
 
 
 def sweep_table(args, finals: dict) -> list[str]:
@@ -420,7 +427,12 @@ def best_table(args, finals: dict) -> list[str]:
         best = best_point(finals[v])
         loss = fmt_summary(finals[v][best]) if best else "n/a"
         rows.append(
-            [f"`{v}`", f"`{best}`" if best else "none (all diverged)", loss, width_text(args, near_best(finals[v]))]
+            [
+                f"`{v}`",
+                f"`{best}`" if best else "none (all diverged)",
+                loss,
+                width_text(args, near_best(finals[v]), done(finals[v])),
+            ]
         )
     return md_table(head, rows)
 
@@ -513,7 +525,7 @@ def sweep_verdict(args, cfg, finals: dict) -> list[str]:
                 lines.append(f"- At each one's best point: {gap}")
     for v in args.variants:
         sens = sensitivity(finals[v], init_loss(cfg))
-        width = width_text(args, near_best(finals[v]))
+        width = width_text(args, near_best(finals[v]), done(finals[v]))
         sens_text = "n/a (unfinished points)" if sens is None else f"{sens:.3f} nats"
         lines.append(f"- `{v}`: LR sensitivity {sens_text}; within {SENSITIVITY_NATS} nats of its best: {width}.")
     return lines
@@ -542,6 +554,10 @@ def write_sweep_report(out: Path, cfg, args, results: dict, command: str) -> Pat
     plot_best_curves(args, results, finals, out / "best_curves.png")
     lines = [f"# Sweep `{args.name}`: plain versus preconditioned attention", "", *setup_lines(cfg, args, command)]
     lines.append(f"- Sweep: {len(args.points)} points ({', '.join(f'`{p}`' for p in args.sweep)}) x variants x seeds")
+    left = sum(s["unfinished"] for per in finals.values() for s in per.values())
+    if left:
+        total = sum(s["runs"] for per in finals.values() for s in per.values())
+        lines.append(f"- **Partial: {total - left} of {total} runs finished**; the rest are left out (rerun to go on)")
     lines += ["", "## Final validation loss per point", "", "Mean ± sample standard deviation over seeds "]
     lines[-1] += "(min-max, n) of the runs that did not diverge (final loss NaN, or above the first evaluation)."
     lines += ["", *sweep_table(args, finals), "", "![final loss vs swept value](sweep.png)", ""]

@@ -131,6 +131,10 @@ def test_sweep_sensitivity_and_tokens_to_target():
     finals = rep.point_finals(args, results)
     assert finals["none"]["lr=0.004"]["diverged"] == 2 and finals["qk"]["lr=0.004"]["unfinished"] == 1
     assert rep.finals_cell(finals["qk"]["lr=0.004"]).endswith("(1/2 unfinished)")
+    assert rep.done(finals["none"]) == 3  # a diverged point is finished
+    partial = {p: finals["qk"][p] | {"n": 0} if p == "lr=0.004" else finals["qk"][p] for p in finals["qk"]}
+    assert rep.done(partial) == 2
+    assert rep.width_text(args, rep.near_best(partial), 2) == "2 of the 2 points with a finished run (0.001..0.002)"
     cap = math.log(4096)
     # mean over points of min(final, cap) - best; a diverged point counts as the cap
     assert rep.sensitivity(finals["none"], cap) == pytest.approx((5.1 + 5.5 + cap) / 3 - 5.1)
