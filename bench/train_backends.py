@@ -8,9 +8,13 @@ run's metrics.jsonl, printed as one markdown table.
 
 The corpus is synthetic text written into the work folder (a GPU machine may have no network and
 no hub cache), tokenised once by data.prepare and shared by every run. Rows: config x backend
-(triton, flash, sdpa) x train.compile; the eager runs go first, so a budget that runs out costs
-compiled rows. A backend that cannot run here is skipped with the reason, a run that fails or
-passes its timeout says so in its note (its log's tail is printed), and the table still comes out.
+(triton, sdpa, flash: the order of importance) x train.compile, each backend's compiled run right
+after its eager one, so a budget that runs out costs the last backends. A run is ended once its
+last training row is in metrics.jsonl: the final evaluation (a recompile under train.compile) and
+the final checkpoint save measure nothing here, and the trainer has no option to skip them.
+A backend that cannot run here is skipped with the reason, a run that fails or passes its timeout
+says so in its note (its log's tail is printed; with 2 or more training rows its numbers are kept),
+and the table still comes out. SIGTERM or SIGINT ends the running child's process group first.
 Throughput and MFU: the mean over the metrics rows after the first, which holds the compilation
 and autotuning; peak memory: the run's largest `mem_gb` (CUDA: max_memory_allocated).
 --dry shrinks the model and the batch of the same config (and runs triton in Triton's interpreter
@@ -32,12 +36,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ("triton", "flash", "sdpa")
+BACKENDS = ("triton", "sdpa", "flash")
 PREPARE_TIMEOUT = 150.0
+POLL_SECONDS = 1.0
+"""How often a run's metrics.jsonl is read for its last training row."""
 MIN_SECONDS = {False: 30.0, True: 90.0}
 """A run (without, with train.compile) is not started with less of the budget left than this:
 it could not finish, and its time is better left to the rest."""
@@ -73,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-timeout", type=float, help="seconds per run without train.compile (120; --dry 600)")
     p.add_argument("--compile-timeout", type=float, help="seconds per run with train.compile (240; --dry 900)")
     p.add_argument("--prepare-only", action="store_true", help="write and prepare the corpus, then stop")
+    p.add_argument("--prepare-timeout", type=float, default=PREPARE_TIMEOUT, help="seconds for data.prepare")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     return p.parse_args(argv)
 
@@ -106,7 +114,7 @@ def make_plan(args: argparse.Namespace, work: Path) -> Plan:
     data = [
         f"data.files={work / 'corpus' / '*.txt'}", "data.hf_dataset=", "data.hf_subset=", "data.loader=shards",
         "data.text_split=blank_lines", f"data.cache_dir={work / 'cache'}", f"data.vocab_size={vocab}",
-        "data.val_windows=4", f"data.shard_bytes={1 << 20}",
+        "data.val_windows=1", f"data.shard_bytes={1 << 20}",  # 1: the cheapest final evaluation
     ]  # fmt: skip
     overrides = [*(DRY_MODEL if args.dry else []), *args.overrides]
     # --dry: a CPU run may first JIT-build DeepSpeed's CPU comm op (minutes on a busy machine);
@@ -125,25 +133,67 @@ def prepare(plan: Plan, config: str, dry: bool, timeout: float) -> str | None:
     return None if ok else f"data.prepare failed: {note}"
 
 
-def run_logged(cmd: list[str], log: Path, timeout: float) -> tuple[bool, str, float]:
+RUNNING: list[subprocess.Popen] = []
+"""The child run_logged is waiting on (at most one): what a SIGTERM or SIGINT must end first."""
+
+
+def run_logged(
+    cmd: list[str], log: Path, timeout: float, done: Callable[[], bool] | None = None
+) -> tuple[bool, str, float]:
     """Run cmd from the project root, its output into `log`, in its own process group (killed
-    whole at the timeout: inductor's compile workers too). Returns (ok, note, seconds)."""
+    whole at the timeout: inductor's compile workers too). When `done()` turns true the group is
+    ended and the run counts as a success. Returns (ok, note, seconds)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
+    deadline = start + max(1.0, timeout)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        RUNNING.append(proc)
         try:
-            code = proc.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return False, f"error: timed out after {timeout:.0f} s", time.monotonic() - start
+            while (code := poll(proc, min(POLL_SECONDS, deadline - time.monotonic()))) is None:
+                finished = done is not None and done()
+                if finished or time.monotonic() >= deadline:
+                    kill_group(proc)
+                    note = "" if finished else f"error: timed out after {timeout:.0f} s"
+                    return finished, note, time.monotonic() - start
+        finally:
+            RUNNING.remove(proc)
     seconds = time.monotonic() - start
     if code != 0:
         return False, f"error: exit {code}: {last_error_line(log)}", seconds
     return True, "", seconds
+
+
+def poll(proc: subprocess.Popen, seconds: float) -> int | None:
+    """proc's exit code, waiting at most `seconds` for it; None while it runs."""
+    try:
+        return proc.wait(timeout=max(0.0, seconds))
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL proc's process group (proc leads it: start_new_session) and reap proc. os.waitpid,
+    not proc.wait: a signal handler may run while proc.wait holds its lock."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):  # already reaped by proc.wait
+        proc.returncode = os.waitstatus_to_exitcode(os.waitpid(proc.pid, 0)[1])
+
+
+def end_children_on_signals() -> None:
+    """On SIGTERM (an outer `timeout`) or SIGINT: kill the running child's process group, which is
+    in a session of its own and so gets neither signal, then exit 128 + the signal's number."""
+
+    def handler(signum: int, frame) -> None:
+        for proc in list(RUNNING):
+            kill_group(proc)
+        print(f"train_backends: {signal.Signals(signum).name}: ended the running child", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def last_error_line(log: Path) -> str:
@@ -169,11 +219,16 @@ def why_skipped(backend: str, config: str, overrides: list[str]) -> str | None:
     return f"skipped: {why}" if why else None
 
 
-def summarize(metrics: Path, tokens_per_step: int) -> dict:
-    """Throughput, MFU and peak memory of a finished run from its metrics.jsonl (the one reader)."""
+def training_rows(metrics: Path) -> list[dict]:
+    """The training rows (those with tokens/s) of a run's metrics.jsonl so far (the one reader)."""
     from launcher.metrics import read_metrics
 
-    train = [r for r in read_metrics(metrics) if r.get("tokens_per_sec")]
+    return [r for r in read_metrics(metrics) if r.get("tokens_per_sec")] if metrics.is_file() else []
+
+
+def summarize(metrics: Path, tokens_per_step: int) -> dict:
+    """Throughput, MFU and peak memory of a run from its metrics.jsonl."""
+    train = training_rows(metrics)
     if not train:
         return {"note": "error: no training rows in metrics.jsonl"}
     steady = train[1:] or train  # the first row holds compilation and autotuning
@@ -204,21 +259,32 @@ def train_one(plan: Plan, config: str, backend: str, compiled: bool, timeout: fl
     cfg = load_run_config(config, overrides)
     cmd = [sys.executable, "-m", "launcher.train", "--config", config, *overrides]
     log = plan.work / "logs" / f"{name}.log"
-    ok, note, seconds = run_logged(cmd, log, timeout)
-    row = {"wall_s": seconds, "note": note}
-    if ok:
-        row.update(summarize(run_dir / "metrics.jsonl", cfg.train.micro_batch_size * cfg.data.seq_len))
-    else:
+    metrics = run_dir / "metrics.jsonl"
+    last_row_written = lambda: any(r["step"] >= plan.steps for r in training_rows(metrics))
+    ok, note, seconds = run_logged(cmd, log, timeout, done=last_row_written)
+    if not ok:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         print(f"--- {name}: {note}; the end of {log}:", *tail, sep="\n")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # GBs on a GPU config
-    return row
+    return {"wall_s": seconds, **measured(metrics, cfg.train.micro_batch_size * cfg.data.seq_len, ok, note)}
+
+
+def measured(metrics: Path, tokens_per_step: int, ok: bool, note: str) -> dict:
+    """The numbers of a run and its note: a run that failed or timed out after 2 or more training
+    rows keeps the numbers of those rows, its note says so."""
+    if ok:
+        return summarize(metrics, tokens_per_step)
+    n = len(training_rows(metrics))
+    if n < 2:
+        return {"note": note}
+    return {**summarize(metrics, tokens_per_step), "note": f"{note} (numbers from the {n} metrics rows before)"}
 
 
 def variants(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
-    """(config, backend, compiled) in running order: per config, every eager run, then the compiled ones."""
+    """(config, backend, compiled) in running order: per config and backend (the order of
+    --backends: the most important first), the eager run, then the compiled one."""
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    return [(c, b, m) for c in args.config for m in modes for b in args.backends]
+    return [(c, b, m) for c in args.config for b in args.backends for m in modes]
 
 
 TABLE_HEAD = "| config | backend | compile | tokens/s | MFU | peak mem GiB | step ms | run s | note |"
@@ -260,14 +326,15 @@ def header_line(plan: Plan, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    end_children_on_signals()
     start = time.monotonic()
     left = lambda: args.budget - (time.monotonic() - start)
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="train-backends-")))
         plan = make_plan(args, work.resolve())
-        failed = prepare(plan, args.config[0], args.dry, min(PREPARE_TIMEOUT, left()))
+        failed = prepare(plan, args.config[0], args.dry, min(args.prepare_timeout, left()))
+        print(failed or f"prepared: {plan.work} ({time.monotonic() - start:.0f} s)", flush=True)
         if args.prepare_only:
-            print(failed or f"prepared: {plan.work}")
             return 1 if failed else 0
         return run_all(args, plan, left, failed)
 

@@ -7,8 +7,10 @@ must leave the log and both tables under $OUT, whatever a row or stage does.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -44,14 +46,18 @@ def test_dry_run_writes_the_log_and_both_tables(tmp_path):
     table = (out / "train.md").read_text().splitlines()
     body = [line for line in table if line.startswith("| gpu-125m |")]
     assert len(body) == 3 and all(line.count("|") == 10 for line in body)
-    assert [line.split(" | ")[1] for line in body] == ["triton", "flash", "sdpa"]
+    assert [line.split(" | ")[1] for line in body] == ["triton", "sdpa", "flash"]
 
 
-def test_runs_go_eager_first_and_the_table_orders_them():
+def test_each_compiled_run_follows_its_eager_one_and_the_table_orders_them():
+    assert train_backends.variants(train_backends.parse_args([]))[:4] == [
+        ("configs/gpu-125m.yaml", "triton", False), ("configs/gpu-125m.yaml", "triton", True),
+        ("configs/gpu-125m.yaml", "sdpa", False), ("configs/gpu-125m.yaml", "sdpa", True),
+    ]  # fmt: skip
     args = train_backends.parse_args(["--config", "a.yaml", "b.yaml", "--backends", "triton", "sdpa"])
     assert train_backends.variants(args) == [
-        ("a.yaml", "triton", False), ("a.yaml", "sdpa", False), ("a.yaml", "triton", True), ("a.yaml", "sdpa", True),
-        ("b.yaml", "triton", False), ("b.yaml", "sdpa", False), ("b.yaml", "triton", True), ("b.yaml", "sdpa", True),
+        ("a.yaml", "triton", False), ("a.yaml", "triton", True), ("a.yaml", "sdpa", False), ("a.yaml", "sdpa", True),
+        ("b.yaml", "triton", False), ("b.yaml", "triton", True), ("b.yaml", "sdpa", False), ("b.yaml", "sdpa", True),
     ]  # fmt: skip
     rows = [{"config": c, "backend": b, "compile": m, "note": "x"} for c, b, m in train_backends.variants(args)]
     lines = train_backends.table("head", rows[::-1])[4:]
@@ -80,3 +86,42 @@ def test_a_run_that_fails_or_hangs_is_its_own_row(tmp_path):
     assert not ok and note == "error: exit 1: error: no GPU here"
     ok, note, seconds = train_backends.run_logged([sys.executable, "-c", "import time; time.sleep(30)"], log, 1)
     assert not ok and note == "error: timed out after 1 s" and seconds < 20
+
+
+def test_a_run_ends_once_its_last_row_is_written(tmp_path):
+    """The final evaluation and save after the last metrics row measure nothing: the run is ended."""
+    done = tmp_path / "metrics.jsonl"
+    code = f"import pathlib, time; pathlib.Path({str(done)!r}).write_text('x'); time.sleep(60)"
+    ok, note, seconds = train_backends.run_logged([sys.executable, "-c", code], tmp_path / "run.log", 60, done.exists)
+    assert ok and note == "" and seconds < 20
+
+
+def test_a_late_failure_keeps_the_numbers_measured_before_it(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 9.0, "tokens_per_sec": 100.0 * s, "mfu": 0.1, "mem_gb": 1.0} for s in (10, 20)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = train_backends.measured(metrics, 100, ok=False, note="error: timed out after 120 s")
+    assert got["tokens_per_sec"] == 2000.0
+    assert got["note"] == "error: timed out after 120 s (numbers from the 2 metrics rows before)"
+    metrics.write_text(json.dumps(rows[0]) + "\n")  # one row: only the compile step, nothing to report
+    assert train_backends.measured(metrics, 100, ok=False, note="error: exit 1: x") == {"note": "error: exit 1: x"}
+    assert train_backends.measured(tmp_path / "none.jsonl", 100, ok=False, note="error: x") == {"note": "error: x"}
+
+
+def test_sigterm_ends_the_running_child_too(tmp_path):
+    """An outer `timeout` SIGTERMs train_backends; its child, in a session of its own, must not
+    outlive it (it would hold the GPU)."""
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(60)"
+    parent = (
+        "import sys; from pathlib import Path; from bench import train_backends as tb; tb.end_children_on_signals(); "
+        f"tb.run_logged([sys.executable, '-c', {child!r}], Path({str(tmp_path / 'run.log')!r}), 60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)

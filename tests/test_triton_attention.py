@@ -229,6 +229,19 @@ def test_cuda_low_precision_matches_float64(dtype, D, precondition):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_inductor_compile_keeps_the_kernel():
+    """train.compile on the GPU: inductor compiles the graph around the custom ops (fullgraph),
+    and the compiled forward and gradients are the eager ones."""
+    q, k, v = make_qkv(2, 8, 2, 1000, 64, torch.bfloat16, device="cuda")
+    do = torch.randn_like(q)
+    fn = lambda q, k, v: attention(q, k, v, precondition="qkv", backend="triton")
+    compiled = torch.compile(fn, fullgraph=True)
+    for a, b in zip(grads(fn, q, k, v, do), grads(compiled, q, k, v, do), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_fp32_long_sequence():
     check_against_float64((1, 4, 4, 4096 + 17, 64), "qkv", causal=True, dtype=torch.float32, rel_tol=FP32_TOL)
 

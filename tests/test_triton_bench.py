@@ -1,6 +1,6 @@
 """bench/attention.py runs anywhere and says why it skips what it cannot run."""
 
-from bench.attention import Sizes, attention_flops, main, target_summary
+from bench.attention import CASES, Sizes, attention_flops, main, run_order, target_summary
 
 
 def test_quick_bench_prints_one_table(capsys):
@@ -11,6 +11,15 @@ def test_quick_bench_prints_one_table(capsys):
     assert all(" | - | " not in r for r in rows if "sdpa" in r)
     # each triton row is measured (CUDA) or says why not (CPU: the interpreter is for tests)
     assert all(("skipped: needs a CUDA GPU" in r) != (" | - | " not in r) for r in rows if "triton" in r)
+
+
+def test_the_target_cells_run_first():
+    sizes = [Sizes(16384 // T, 16, T, D, None) for T in (1024, 4096, 8192) for D in (64, 128)]
+    order = [(s.T, s.D, b, p) for s, b, p in run_order(sizes, CASES)]
+    targets = [("sdpa", "none"), ("triton", "qkv"), ("sdpa", "qkv")]
+    assert order[:6] == [(T, 128, b, p) for T in (4096, 8192) for b, p in targets]
+    assert order[6] == (1024, 64, "eager", "none") and sorted(order) == sorted(set(order))
+    assert len(order) == len(sizes) * len(CASES)
 
 
 def test_flops_and_targets():
