@@ -32,9 +32,23 @@ def start_script(corpus, run_dir: Path, **extra) -> subprocess.Popen:
     settings = {"train.max_steps": 100000, "train.save_interval": 0, "train.eval_interval": 0, **extra}
     cmd = ["bash", str(ROOT / "run_pretrain.sh"), "configs/tiny.yaml"]
     cmd += tiny_overrides(glob, cache, run_dir, **settings)
+    script_env = env(MASTER_PORT=free_port())  # the launcher's default port may be taken by another job
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, cwd=ROOT, env=script_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_ranks(tmp_path):
+    """A failed test must not leave its training stage (a session of its own, which the script's
+    process group does not include) running into the next tests."""
+    yield
+    for pid in Path("/proc").iterdir():
+        try:
+            if pid.name.isdigit() and str(tmp_path).encode() in (pid / "cmdline").read_bytes():
+                os.kill(int(pid.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def wait_for_steps(run_dir: Path, proc: subprocess.Popen, steps: int, timeout: float = 120) -> None:
@@ -46,8 +60,17 @@ def wait_for_steps(run_dir: Path, proc: subprocess.Popen, steps: int, timeout: f
     raise AssertionError(f"no {steps} training steps within {timeout} s (exit {proc.poll()})")
 
 
-def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
-    out, err = proc.communicate(timeout=timeout)
+def finish(proc: subprocess.Popen, timeout: float = 120, run_dir: Path | None = None) -> tuple[str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        os.killpg(proc.pid, signal.SIGKILL)
+        steps = max(train_losses(run_dir), default=None) if run_dir and (run_dir / "metrics.jsonl").exists() else None
+        stop_file = run_dir is not None and (run_dir / "stop").exists()
+        raise AssertionError(
+            f"the script did not end within {timeout} s of the stop (last step {steps}, stop file there: {stop_file}); "
+            f"stderr so far: {(e.stderr or b'')[-2000:]!r}"
+        ) from None
     return out or "", err
 
 
@@ -64,7 +87,7 @@ def test_sigterm_to_the_script_saves_exports_and_exits_0(corpus, tmp_path):
     proc = start_script(corpus, run_dir)
     wait_for_steps(run_dir, proc, 3)
     proc.send_signal(signal.SIGTERM)  # the script alone, not its group
-    out, err = finish(proc)
+    out, err = finish(proc, run_dir=run_dir)
     assert proc.returncode == 0, err[-3000:]
     assert_saved_and_exported(run_dir)
     assert "stop requested" in err and "Traceback" not in err
@@ -80,7 +103,7 @@ def test_ctrl_c_with_a_closed_stdout_still_saves_and_exits_0(corpus, tmp_path):
     wait_for_steps(run_dir, proc, 3)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     proc.stdout = None
-    _, err = finish(proc)
+    _, err = finish(proc, run_dir=run_dir)
     assert proc.returncode == 0, err[-3000:]
     assert_saved_and_exported(run_dir)
     assert "Traceback" not in err
