@@ -34,8 +34,23 @@ def start_script(corpus, run_dir: Path, **extra) -> subprocess.Popen:
     cmd += tiny_overrides(glob, cache, run_dir, **settings)
     script_env = env(MASTER_PORT=free_port())  # the launcher's default port may be taken by another job
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=script_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        env=script_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=as_a_terminal_job,
     )
+
+
+def as_a_terminal_job() -> None:
+    """Ctrl-C and SIGTERM at their defaults, as in a shell's foreground job: a test worker may
+    have SIGINT ignored (a library that set it), which the child would inherit, and bash cannot
+    trap a signal that was ignored when it started."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 @pytest.fixture(autouse=True)
