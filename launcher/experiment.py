@@ -192,30 +192,20 @@ class Run:
 
 def plan(args: argparse.Namespace, cfg) -> list[Run]:
     """Every run, seed by seed: each seed's points, each point's variants."""
+    from launcher.config import load_run_config
+
     runs = []
     for seed in args.seeds:
         for point in args.points or [None]:
             for variant in args.variants:
                 own = args.variant_sets.get(variant, [])
-                if point is None:
-                    folder, key, over = f"{variant}-seed{seed}", (variant, seed), own
-                    steps = cfg.train.max_steps
-                else:
-                    folder, key, over = (
-                        f"{point['name']}/{variant}-seed{seed}",
-                        (point["name"], variant, seed),
-                        [
-                            *point["overrides"],
-                            *own,
-                        ],
-                    )
-                    steps = point["cfg"].train.max_steps
-                runs.append(Run(key, variant, seed, args.runs_dir / args.name / folder, steps, over))
-    if any(r.overrides for r in runs):  # a variant's own setting may change max_steps
-        from launcher.config import load_run_config
-
-        for r in runs:
-            r.max_steps = load_run_config(args.config, [*args.overrides, *r.overrides]).train.max_steps
+                base = [] if point is None else point["overrides"]
+                steps = (cfg if point is None else point["cfg"]).train.max_steps
+                if own:  # a variant's own setting may change max_steps
+                    steps = load_run_config(args.config, [*args.overrides, *base, *own]).train.max_steps
+                key = (variant, seed) if point is None else (point["name"], variant, seed)
+                folder = f"{variant}-seed{seed}" if point is None else f"{point['name']}/{variant}-seed{seed}"
+                runs.append(Run(key, variant, seed, args.runs_dir / args.name / folder, steps, [*base, *own]))
     return runs
 
 
