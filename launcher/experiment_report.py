@@ -108,7 +108,7 @@ def loss_table(args, results: dict, target: float) -> list[str]:
         missed = sum(x is None for x in reach)
         reached = summary(reach)
         cells.append(
-            ("n/a" if not reached["n"] else tokens_fmt(reached["mean"]))
+            ("n/a" if not reached["n"] else fmt_tokens_summary(reached))
             + (f" ({missed}/{len(runs)} never)" if missed else "")
         )
         tps = summary([r["tokens_per_sec"] for r in runs])

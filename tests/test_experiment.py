@@ -46,6 +46,21 @@ def test_verdict_separates_signal_from_noise():
     assert "not distinguishable from seed noise" in text and "seeds per variant" in text
 
 
+def test_loss_table_gives_the_spread_of_tokens_to_target():
+    args = SimpleNamespace(seeds=[1, 2, 3], variants=["none", "qk"])
+
+    def run(evals):
+        return {"evals": evals, "tokens_per_sec": 1000.0}
+
+    # target 4.0: none reaches it at 200, 300 and 400 tokens; qk at 150 and 250, one seed never
+    results = {("none", s): run([(100, 6.0), (100 + 100 * s, 4.0)]) for s in (1, 2, 3)}
+    results |= {("qk", 1): run([(100, 5.0), (200, 3.0)]), ("qk", 2): run([(200, 5.0), (300, 3.0)])}
+    results |= {("qk", 3): run([(100, 6.0), (200, 4.5)])}
+    rows = {line.split("|")[1].strip(): line for line in rep.loss_table(args, results, 4.0)[2:]}
+    assert "| 300 ± 100 (200-400, n=3) |" in rows["`none`"]
+    assert "| 200 ± 71 (150-250, n=2) (1/3 never) |" in rows["`qk`"]
+
+
 @pytest.mark.slow
 def test_experiment_runs_and_reports(tmp_path, capsys):
     glob = write_corpus(tmp_path / "corpus")
