@@ -15,6 +15,7 @@ from pathlib import Path
 
 from launcher.conditioning import jsonable, kappa_fmt
 from launcher.probe import PROBED
+from model.config import ModelConfig
 
 
 # ---- statistics ----------------------------------------------------------------------------
@@ -148,10 +149,11 @@ def verdict(args, results: dict) -> list[str]:
                 lines.append("- " + compare(v, s, finals["none"], n))
     if n < 2:
         lines.append("- One seed only: the spread is unknown, so no difference here is evidence; run >= 3 seeds.")
-    if "qkv" in finals and best != "qkv":
+    default = ModelConfig().precondition
+    if default in finals and best != default:
         lines.append(
-            "- Default (`qkv`) versus the best here: "
-            + compare(best, finals[best], finals["qkv"], n, "qkv")
+            f"- Default (`{default}`) versus the best here: "
+            + compare(best, finals[best], finals[default], n, default)
             + " Change the default only when this gap is larger than 2 SE, and say why in the README."
         )
     lines.append(conditioning_line(args, results))

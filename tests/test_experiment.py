@@ -13,6 +13,7 @@ import yaml
 from launcher import experiment
 from launcher import experiment_report as rep
 from launcher.probe import PROBED
+from model.config import ModelConfig
 from tests.train_helpers import ROOT, tiny_overrides, write_corpus
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -44,6 +45,12 @@ def test_verdict_separates_signal_from_noise():
     noisy = {("none", s): run(3.0 + 0.3 * s) for s in (1, 2, 3)} | {("qkv", s): run(2.95 + 0.3 * s) for s in (1, 2, 3)}
     text = "\n".join(rep.verdict(args, noisy))
     assert "not distinguishable from seed noise" in text and "seeds per variant" in text
+    default = ModelConfig().precondition  # the verdict weighs the shipped default against the best
+    args.variants = ["none", default]
+    worse = {("none", s): run(3.0 + 0.01 * s) for s in (1, 2, 3)}
+    worse |= {(default, s): run(3.5 + 0.01 * s) for s in (1, 2, 3)}
+    text = "\n".join(rep.verdict(args, worse))
+    assert f"- Default (`{default}`) versus the best here: `none` vs `{default}`: 0.5000 lower" in text
 
 
 def test_loss_table_gives_the_spread_of_tokens_to_target():
