@@ -145,12 +145,13 @@ def test_probe_leaves_the_model_unchanged(precondition):
 
 def test_probe_under_bf16_autocast():
     """Captured bf16 q, k, v are measured in float64: the tags are numpy's on the same tensors."""
-    model = Transformer(tiny_cfg())
+    cfg = tiny_cfg(precondition="qkv")
+    model = Transformer(cfg)
     x = torch.randint(0, 64, (3, 16))
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     store = probe.capture_forward(model, x, autocast)
     assert {t.dtype for t in store[0]} == {torch.bfloat16}
-    tags = probe.probe_during_training(model, x, tiny_cfg(), autocast)
+    tags = probe.probe_during_training(model, x, cfg, autocast)
     assert tags == pytest.approx(np_tags(store, "qkv", 1e-6), rel=1e-8) and len(tags) == 16
 
 
@@ -186,7 +187,7 @@ def test_load_run_dir_and_untrained(tmp_path):
     loaded, mcfg, meta = cond.load_model(run)
     x = torch.randint(0, 300, (2, 12))
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
-    assert meta["step"] == 5 and mcfg.precondition == "qkv"
+    assert meta["step"] == 5 and mcfg.precondition == model.cfg.precondition
     fresh = Transformer(model.cfg)
     fresh.init_weights(7)  # what the trainer does with train.seed=7
     untrained, _, meta0 = cond.load_model(run, untrained=True)
