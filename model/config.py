@@ -30,7 +30,7 @@ class ModelConfig:
     """RMSNorm epsilon."""
     tie_embeddings: bool = True
     """Share the embedding matrix with the LM head."""
-    precondition: str = "qkv"
+    precondition: str = "qk"
     """Diagonal attention preconditioner: none, qk, qkv or row (see README)."""
     precondition_eps: float = 1e-6
     """Epsilon inside the preconditioner's rms."""
