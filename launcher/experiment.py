@@ -278,9 +278,10 @@ def run_all(args: argparse.Namespace, runs: list[Run]) -> None:
     failed = [r for r in runs if r.failed]
     if failed and not args.points:  # in a sweep a failed run (NaN loss) counts as diverged
         raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed, e.g. {failed[0].run_dir}: see its train.log")
-    if not args.points:
+    if not args.points:  # an unfinished run (--report-only while it trains) is probed once it ends
         for run in runs:
-            probe_run(run.run_dir, args.probe_batch)
+            if finished(run.run_dir, run.max_steps):
+                probe_run(run.run_dir, args.probe_batch)
 
 
 # ---- collecting what the runs logged -------------------------------------------------------
@@ -337,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.points:
         results = {run.key: collect_sweep(run) for run in runs}
-    else:
-        results = {run.key: collect(run.run_dir) for run in runs}
+    else:  # the finished runs; the others (not yet trained, or cut short) are left out and counted
+        results = {run.key: collect(run.run_dir) for run in runs if finished(run.run_dir, run.max_steps)}
+        if not results:
+            raise ConfigError(f"{args.name}: none of its {len(runs)} runs has finished; train them first")
     command = "python -m launcher.experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    out = write_report(args.out_dir / args.name, cfg, args, results, command)
+    out = write_report(args.out_dir / args.name, cfg, args, results, command, total=len(runs))
     print(f"report: {out / 'README.md'}")
     return 0
 

@@ -82,7 +82,9 @@ def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def by_variant(args, results: dict) -> dict[str, list[dict]]:
-    return {v: [results[v, s] for s in args.seeds] for v in args.variants}
+    """variant -> its runs over the seeds; a partial report leaves out what has not finished."""
+    runs = {v: [results[v, s] for s in args.seeds if (v, s) in results] for v in args.variants}
+    return {v: r for v, r in runs.items() if r}
 
 
 def fixed_tokens(results: dict) -> list[int]:
@@ -167,12 +169,14 @@ def verdict(args, results: dict) -> list[str]:
 
 
 def compare(v: str, s: dict, base: dict, n: int, base_name: str = "none") -> str:
-    """One variant's final loss against a baseline's, with the standard error of the gap."""
+    """One variant's final loss against a baseline's, with the standard error of the gap (each
+    mean over the seeds it has: fewer than n in a partial report)."""
     d = s["mean"] - base["mean"]
     word = "lower" if d < 0 else "higher"
+    n = min(n, s["n"], base["n"])
     if n < 2 or s["sd"] is None or base["sd"] is None:
         return f"`{v}` vs `{base_name}`: {abs(d):.4f} {word} (one seed: no error bar)."
-    se = math.sqrt((s["sd"] ** 2 + base["sd"] ** 2) / n)
+    se = math.sqrt(s["sd"] ** 2 / s["n"] + base["sd"] ** 2 / base["n"])
     firm = abs(d) > 2 * se
     need = math.ceil(8 * ((s["sd"] ** 2 + base["sd"] ** 2) / 2) / d**2) if d else None
     text = f"`{v}` vs `{base_name}`: {abs(d):.4f} {word}, standard error of the gap {se:.4f} over {n} seeds: "
@@ -250,7 +254,8 @@ def plot_conditioning(args, results: dict, path: Path) -> None:
             ax.bar(x + j * width, shown, width, color=f"C{j}", label=f"{name} {which[5:]}" if x == 0 else None)
             if val is not None and math.isinf(val):
                 ax.text(x + j * width, 1, "inf", ha="center", va="bottom", rotation=90)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(args.variants))], args.variants)
+    names = list(by_variant(args, results))
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
     ax.set(yscale="log", ylabel="condition number", title="median over layers, heads, sequences, seeds")
     ax.legend(fontsize=8)
     if logged:
@@ -320,7 +325,9 @@ def write_files(out: Path, lines: list[str], raw: dict) -> Path:
     return out
 
 
-def write_report(out: Path, cfg, args, results: dict, command: str) -> Path:
+def write_report(out: Path, cfg, args, results: dict, command: str, total: int | None = None) -> Path:
+    """The report of a sweep, or of a plain experiment over `results` (its finished runs, of
+    `total` planned: fewer make it partial)."""
     out.mkdir(parents=True, exist_ok=True)
     if getattr(args, "points", None):
         return write_sweep_report(out, cfg, args, results, command)
@@ -328,6 +335,8 @@ def write_report(out: Path, cfg, args, results: dict, command: str) -> Path:
     plot_loss(args, results, out / "val_loss.png")
     plot_conditioning(args, results, out / "conditioning.png")
     lines = [f"# Experiment `{args.name}`: plain versus preconditioned attention", "", *setup_lines(cfg, args, command)]
+    if total is not None and len(results) < total:
+        lines.append(f"- **Partial: {len(results)} of {total} runs finished**; the rest are left out (rerun to go on)")
     lines += ["", "## Validation loss", "", "Mean ± sample standard deviation over seeds (min-max, n).", ""]
     lines += loss_table(args, results, target)
     lines += ["", "![validation loss](val_loss.png)", "", "## Condition numbers", ""]

@@ -98,6 +98,15 @@ def test_experiment_runs_and_reports(tmp_path, capsys):
     capsys.readouterr()
     assert experiment.main(argv) == 0  # resumable: finished runs are skipped
     assert capsys.readouterr().out.count("already finished") == 2
+    # --report-only while a run is still training: it is left out, counted, and not probed
+    qkv_run = tmp_path / "runs" / "smoke" / "qkv-seed3"
+    (qkv_run / "checkpoints" / "latest").write_text("global_step4")  # cut short before step 8
+    (qkv_run / "cond_after.json").unlink()
+    assert experiment.main([*argv, "--report-only"]) == 0
+    readme = (out / "README.md").read_text()
+    assert "**Partial: 1 of 2 runs finished**" in readme and "| `none` |" in readme and "| `qkv` |" not in readme
+    assert set(json.loads((out / "results.json").read_text())) == {"none-seed3"}
+    assert not (qkv_run / "cond_after.json").exists()
 
 
 def test_bad_variant_is_a_one_line_error(capsys):
