@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {run.key: collect(run.run_dir) for run in runs if finished(run.run_dir, run.max_steps)}
         if not results:
             raise ConfigError(f"{args.name}: none of its {len(runs)} runs has finished; train them first")
-    command = "python -m launcher.experiment " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    given = [a for a in (argv or sys.argv[1:]) if a != "--report-only"]  # the command that trains them
+    command = "python -m launcher.experiment " + " ".join(shlex.quote(a) for a in given)
     out = write_report(args.out_dir / args.name, cfg, args, results, command, total=len(runs))
     print(f"report: {out / 'README.md'}")
     return 0

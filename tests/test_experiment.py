@@ -104,6 +104,7 @@ def test_experiment_runs_and_reports(tmp_path, capsys):
     (qkv_run / "cond_after.json").unlink()
     assert experiment.main([*argv, "--report-only"]) == 0
     readme = (out / "README.md").read_text()
+    assert "--report-only" not in readme and "--variant-set qkv:train.lr=0.002" in readme
     assert "**Partial: 1 of 2 runs finished**" in readme and "| `none` |" in readme and "| `qkv` |" not in readme
     assert set(json.loads((out / "results.json").read_text())) == {"none-seed3"}
     assert not (qkv_run / "cond_after.json").exists()
