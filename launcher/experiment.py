@@ -268,7 +268,7 @@ def run_one(args: argparse.Namespace, run: Run) -> None:
 
 
 def run_all(args: argparse.Namespace, runs: list[Run]) -> None:
-    """Train every run, --jobs at a time; probe each one after all trained (not for a sweep)."""
+    """Train every run, --jobs at a time (with --report-only, only note which ones failed)."""
     if args.report_only:
         for run in runs:
             run.failed = (run.run_dir / FAILED).is_file()
@@ -278,10 +278,6 @@ def run_all(args: argparse.Namespace, runs: list[Run]) -> None:
     failed = [r for r in runs if r.failed]
     if failed and not args.points:  # in a sweep a failed run (NaN loss) counts as diverged
         raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed, e.g. {failed[0].run_dir}: see its train.log")
-    if not args.points:  # an unfinished run (--report-only while it trains) is probed once it ends
-        for run in runs:
-            if finished(run.run_dir, run.max_steps):
-                probe_run(run.run_dir, args.probe_batch)
 
 
 # ---- collecting what the runs logged -------------------------------------------------------
@@ -338,10 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.points:
         results = {run.key: collect_sweep(run) for run in runs}
-    else:  # the finished runs; the others (not yet trained, or cut short) are left out and counted
-        results = {run.key: collect(run.run_dir) for run in runs if finished(run.run_dir, run.max_steps)}
-        if not results:
+    else:  # the finished runs, probed; the others (--report-only while they train) are left out and counted
+        done = [run for run in runs if finished(run.run_dir, run.max_steps)]
+        if not done:
             raise ConfigError(f"{args.name}: none of its {len(runs)} runs has finished; train them first")
+        for run in done:
+            probe_run(run.run_dir, args.probe_batch)
+        results = {run.key: collect(run.run_dir) for run in done}
     given = [a for a in (argv or sys.argv[1:]) if a != "--report-only"]  # the command that trains them
     command = "python -m launcher.experiment " + " ".join(shlex.quote(a) for a in given)
     out = write_report(args.out_dir / args.name, cfg, args, results, command, total=len(runs))

@@ -148,14 +148,14 @@ def verdict(args, results: dict) -> list[str]:
     if "none" in finals:
         for v, s in finals.items():
             if v != "none":
-                lines.append("- " + compare(v, s, finals["none"], n))
+                lines.append("- " + compare(v, s, finals["none"]))
     if n < 2:
         lines.append("- One seed only: the spread is unknown, so no difference here is evidence; run >= 3 seeds.")
     default = ModelConfig().precondition
     if default in finals and best != default:
         lines.append(
             f"- Default (`{default}`) versus the best here: "
-            + compare(best, finals[best], finals[default], n, default)
+            + compare(best, finals[best], finals[default], default)
             + " Change the default only when this gap is larger than 2 SE, and say why in the README."
         )
     lines.append(conditioning_line(args, results))
@@ -168,12 +168,12 @@ def verdict(args, results: dict) -> list[str]:
     return lines
 
 
-def compare(v: str, s: dict, base: dict, n: int, base_name: str = "none") -> str:
+def compare(v: str, s: dict, base: dict, base_name: str = "none") -> str:
     """One variant's final loss against a baseline's, with the standard error of the gap (each
-    mean over the seeds it has: fewer than n in a partial report)."""
+    a mean over the seeds it has, which a partial report may make unequal)."""
     d = s["mean"] - base["mean"]
     word = "lower" if d < 0 else "higher"
-    n = min(n, s["n"], base["n"])
+    n = min(s["n"], base["n"])
     if n < 2 or s["sd"] is None or base["sd"] is None:
         return f"`{v}` vs `{base_name}`: {abs(d):.4f} {word} (one seed: no error bar)."
     se = math.sqrt(s["sd"] ** 2 / s["n"] + base["sd"] ** 2 / base["n"])
@@ -527,12 +527,11 @@ def sweep_verdict(args, cfg, finals: dict) -> list[str]:
     """Each variant at its best point against `none` at its best, with the standard error of the
     gap, and how wide each variant's range of good points is."""
     lines = []
-    n = len(args.seeds)
     best = {v: best_point(finals[v]) for v in args.variants}
     if best.get("none"):
         for v in args.variants:
             if v != "none" and best[v]:
-                gap = compare(v, finals[v][best[v]], finals["none"][best["none"]], n)
+                gap = compare(v, finals[v][best[v]], finals["none"][best["none"]])
                 lines.append(f"- At each one's best point: {gap}")
     for v in args.variants:
         sens = sensitivity(finals[v], init_loss(cfg))
