@@ -2,10 +2,16 @@
 # One command: set-up, default corpus + tokenizer, training under the deepspeed launcher, export.
 #   ./run_pretrain.sh [CONFIG] [section.key=value ...]        (CONFIG defaults to configs/tiny.yaml)
 # Environment:
-#   NUM_GPUS     processes per node (default: the GPUs on this node, or 1 process on a CPU)
-#   NUM_NODES    nodes (with HOSTFILE)            HOSTFILE   a DeepSpeed hostfile ("host slots=N" lines)
-#   LAUNCHER     multi-node launcher: pdsh (default), openmpi, mvapich, slurm, ...
+#   NUM_GPUS     processes per node (default: the GPUs on this node, or 1 process on a CPU;
+#                with a HOSTFILE, its slots)
+#   NUM_NODES    nodes (the first N of HOSTFILE or of the Slurm allocation; default all)
+#   HOSTFILE     a DeepSpeed hostfile ("hostname slots=N" lines)
+#   LAUNCHER     multi-node launcher: pdsh (default, over ssh), openmpi, slurm (inside an
+#                allocation: configs/slurm/pretrain.sbatch), mvapich, ...
+#   LAUNCHER_ARGS   extra arguments for pdsh, mpirun or srun; MPI_IFACE  the interface mpirun
+#                uses between nodes (default: the one that reaches the other hosts)
 #   NODE_RANK, MASTER_ADDR, MASTER_PORT   one launcher per node without ssh (run this on every node)
+# See docs/multinode.md.
 # Stopping: Ctrl-C or SIGTERM (to this script or its process group) stops training at the next
 # step boundary; the run saves, this script exports that checkpoint and exits 0. A second
 # Ctrl-C aborts at once (exit 130); `latest` keeps naming the last complete checkpoint.
@@ -72,6 +78,9 @@ if [ -n "${NODE_RANK:-}" ] && { [ -z "${HOSTFILE:-}" ] || [ -z "${MASTER_ADDR:-}
   fail "NODE_RANK=$NODE_RANK needs HOSTFILE and MASTER_ADDR (and MASTER_PORT) to launch without ssh"
 fi
 [ -z "${HOSTFILE:-}" ] || [ -f "$HOSTFILE" ] || fail "HOSTFILE=$HOSTFILE: no such file; one 'hostname slots=N' line per node"
+if [ -n "${NUM_NODES:-}" ] && [ "$NUM_NODES" -gt 1 ] && [ -z "${HOSTFILE:-}" ] && [ "${LAUNCHER:-}" != slurm ]; then
+  fail "NUM_NODES=$NUM_NODES needs HOSTFILE (one 'hostname slots=N' line per node) or LAUNCHER=slurm"
+fi
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   gpus_here="$(python -c 'import torch; print(torch.cuda.device_count())')"
 else
@@ -81,23 +90,17 @@ fi
 export TOKENIZERS_PARALLELISM=false
 
 run_dir="$(python -m launcher.config --config "$config" "$@" --get train.output_dir)" || exit 2
+source tools/launch.sh
+plan_launch  # checks the nodes; sets train_cmd, the deepspeed launcher (or srun) command
 stopped && { say "stopped before training"; exit 0; }
 
 run_stage prepare python -m data.prepare --config "$config" "$@"
 if stopped; then say "stopped during data preparation; run again to continue"; exit 0; fi
 [ "$rc" -eq 0 ] || exit "$rc"
 
-ds_args=(--num_gpus "${NUM_GPUS:-$gpus_here}" --log_level warning)
-[ -n "${HOSTFILE:-}" ] && ds_args+=(--hostfile "$HOSTFILE")
-[ -n "${NUM_NODES:-}" ] && ds_args+=(--num_nodes "$NUM_NODES")
-[ -n "${LAUNCHER:-}" ] && ds_args+=(--launcher "$LAUNCHER")
-[ -n "${NODE_RANK:-}" ] && ds_args+=(--no_ssh --node_rank "$NODE_RANK")
-[ -n "${MASTER_ADDR:-}" ] && ds_args+=(--master_addr "$MASTER_ADDR")
-[ -n "${MASTER_PORT:-}" ] && ds_args+=(--master_port "$MASTER_PORT")
-
-say "[train] deepspeed ${ds_args[*]} --module launcher.train --config $config $*"
+say "[train] ${train_cmd[*]} --config $config $*"
 mkdir -p "$run_dir" && rm -f "$run_dir/stop"
-run_stage train deepspeed "${ds_args[@]}" --module launcher.train --config "$config" "$@"
+run_stage train "${train_cmd[@]}" --config "$config" "$@"
 [ "$rc" -eq 0 ] || exit "$rc"
 stopped && say "training stopped at a step boundary and saved"
 

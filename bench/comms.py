@@ -37,11 +37,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def bytes_by_op(comms_dict: dict) -> dict[str, int]:
-    """The comms logger's {op: {message bytes: [count, ...]}} -> {op: total bytes}."""
-    return {op: sum(size * rec[0] for size, rec in sizes.items()) for op, sizes in comms_dict.items()}
-
-
 def worker(args: argparse.Namespace) -> None:
     """One rank: set up the trainer, train --steps steps with the comms logger on, report."""
     from launcher import distributed as dist
@@ -52,15 +47,14 @@ def worker(args: argparse.Namespace) -> None:
     dist.prepare_environment(cfg.train.threads)
     dist.init(cfg.train.dist_timeout)
     import deepspeed.comm as ds_comm
-    from deepspeed.comm.comm import comms_logger
 
     from launcher.trainer import Trainer
 
     trainer = Trainer(cfg, StopRequest(Path(cfg.train.output_dir)))
     trainer.setup()
-    before = bytes_by_op(comms_logger.comms_dict)
+    before = dist.comms_bytes_by_op()
     losses = [trainer.train_step() for _ in range(args.steps)]
-    after = bytes_by_op(comms_logger.comms_dict)
+    after = dist.comms_bytes_by_op()
     val_loss = trainer.evaluate()
     ds_comm.log_summary()  # collective: every rank calls it; rank 0 prints DeepSpeed's table
     per_step = {op: (after[op] - before.get(op, 0)) / args.steps for op in after}

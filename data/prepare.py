@@ -17,6 +17,8 @@ An interrupted preparation keeps its finished shards and goes on from there.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -131,9 +133,27 @@ def prepare_data(
     if manifest.is_file():
         prepared = _load_manifest(manifest)
     else:
-        prepared = _build(cfg, specs, val_specs, manifest, progress, workers or default_workers())
+        with _held(manifest.with_suffix(".lock")):  # another node may be preparing the same cache
+            if manifest.is_file():
+                prepared = _load_manifest(manifest)
+            else:
+                prepared = _build(cfg, specs, val_specs, manifest, progress, workers or default_workers())
     _check_vocab(prepared, cfg, model_vocab_size)
     return prepared
+
+
+@contextlib.contextmanager
+def _held(lock: Path):
+    """An exclusive lock on `lock` (flock: released when its holder exits, whatever way), so
+    that launchers on several nodes over one shared cache prepare it once, not over each other."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process preparing this corpus ({lock})", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _tokenizer(cfg: DataConfig, sample: list[str], key: str, progress: bool):

@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from data.config import ConfigError
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -17,17 +19,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launcher_ranks(env: dict) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE from the launcher that started this
+    process without setting them: OpenMPI's mpirun (DeepSpeed's openmpi runner) or Slurm's srun
+    (a job step; a batch script's own shell is no rank). Empty when none did."""
+    if "OMPI_COMM_WORLD_RANK" in env:
+        keys = (
+            "OMPI_COMM_WORLD_RANK",
+            "OMPI_COMM_WORLD_SIZE",
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "OMPI_COMM_WORLD_LOCAL_SIZE",
+        )
+        values = [env[k] for k in keys]
+    elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+        local_size = slurm_tasks_per_node(per_node)[int(env.get("SLURM_NODEID", 0))]
+        values = [env["SLURM_PROCID"], env["SLURM_NTASKS"], env.get("SLURM_LOCALID", "0"), str(local_size)]
+    else:
+        return {}
+    return dict(zip(("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"), values, strict=True))
+
+
+def slurm_tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compressed tasks-per-node list, one entry per node: "2(x3),1" -> [2, 2, 2, 1]."""
+    out = []
+    for item in spec.split(","):
+        count, _, repeat = item.partition("(x")
+        out += [int(count)] * int(repeat.rstrip(")") or 1)
+    return out
+
+
+def cores_here() -> int:
+    """The cores this process may run on (a node's share, under taskset or a scheduler)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def prepare_environment(threads: int = 0) -> None:
     """Set the env a launcher would set when there is none, pick the accelerator, and give
     each CPU rank its share of the cores. Must run before deepspeed is imported."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        found = launcher_ranks(os.environ)
+        if found and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+            raise ConfigError(
+                "started by mpirun or srun without MASTER_ADDR and MASTER_PORT (run_pretrain.sh sets them)"
+            )
+        os.environ.update(found or dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1"))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
+        torch.set_num_threads(threads or max(1, cores_here() // local_world_size()))
         _return_large_frees_to_the_os()
 
 
@@ -70,6 +111,38 @@ def init(timeout_s: int) -> torch.device:
     return torch.device("cpu")
 
 
+_hosts: list[str] = []
+"""Each rank's "host (address)", in rank order, once hosts() has run."""
+
+
+def this_host() -> str:
+    """This node's name and the address it reaches the master rank from."""
+    addr = "?"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 1))))
+            addr = s.getsockname()[0]  # a UDP connect sends nothing: it only picks the route
+    except OSError:
+        pass
+    return f"{socket.gethostname()} ({addr})"
+
+
+def hosts() -> list[str]:
+    """Every rank's host, gathered once (a collective), kept for the messages below."""
+    global _hosts
+    _hosts = gather_objects(this_host())
+    return _hosts
+
+
+def silent_peer() -> str:
+    """Which rank (and node) another rank was waiting for, as far as this rank can know."""
+    W, r = world_size(), rank()
+    if W != 2:
+        return "another rank"
+    other = 1 - r
+    return f"rank {other}" + (f" on {_hosts[other]}" if len(_hosts) == W else "")
+
+
 def _unlink_shm_buffer() -> None:
     """DeepSpeed's CPU all-reduce op maps one /dev/shm file per rank (66 MB) and never removes
     it, so every run left its files in memory until reboot. init_distributed returns once this
@@ -88,14 +161,37 @@ def timed_out(error: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
+def peer_lost(error: BaseException) -> bool:
+    """True when `error` is a collective whose peer closed or reset its connection (its
+    process died; gloo words it so)."""
+    text = str(error).lower()
+    return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe"))
+
+
 def timeout_message(timeout_s: int) -> str:
-    """One line: which limit was hit and, when it can be known, which rank went silent."""
-    W = world_size()
-    silent = f"rank {1 - rank()}" if W == 2 else "another rank"
+    """One line: which limit was hit and, when it can be known, which rank (on which node) went silent."""
     return (
-        f"a collective waited longer than train.dist_timeout={timeout_s} s: {silent} went silent "
-        "(hung, stopped or dead); the job stops here; run it again to resume from the last checkpoint"
+        f"a collective waited longer than train.dist_timeout={timeout_s} s: {silent_peer()} went silent "
+        "(hung, stopped, dead or cut off); the job stops here; run it again to resume from the last checkpoint"
     )
+
+
+def lost_message() -> str:
+    """One line for a peer whose connection closed mid-collective."""
+    return (
+        f"{silent_peer()} went away (its process died or its node was lost); the job stops here; "
+        "run it again to resume from the last checkpoint"
+    )
+
+
+def comms_bytes_by_op() -> dict[str, int]:
+    """Bytes this rank has handed to each kind of collective so far, from DeepSpeed's comms
+    logger (the `comms_logger` section of a DeepSpeed JSON); empty when the logger is off."""
+    from deepspeed.comm.comm import comms_logger
+
+    if not comms_logger.enabled:
+        return {}
+    return {op: sum(size * rec[0] for size, rec in sizes.items()) for op, sizes in comms_logger.comms_dict.items()}
 
 
 def rank() -> int:

@@ -6,6 +6,7 @@ PRECOND_FAULT="KIND@STEP[:RANK][,KIND@STEP[:RANK]...]"   on that rank (default 0
     nan            the loss of the step becomes NaN
     slow-eval      the evaluation after the step takes SLOW_SECONDS longer
     slow-save      the checkpoint save of the step takes SLOW_SECONDS longer
+    pause          the rank sleeps PAUSE_SECONDS after the step (a test acts on the cluster meanwhile)
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import time
 
 from data.config import ConfigError
 
-KINDS = ("sigkill", "sigkill-save", "nan", "slow-eval", "slow-save")
+KINDS = ("sigkill", "sigkill-save", "nan", "slow-eval", "slow-save", "pause")
 SLOW_SECONDS = 2.0
+PAUSE_SECONDS = 8.0
 
 
 def parse(spec: str) -> list[tuple[str, int, int]]:
@@ -43,4 +45,4 @@ def maybe_kill(kind: str, step: int, rank: int) -> None:
 
 def maybe_slow(kind: str, step: int, rank: int) -> None:
     if due(kind, step, rank):
-        time.sleep(SLOW_SECONDS)
+        time.sleep(PAUSE_SECONDS if kind == "pause" else SLOW_SECONDS)

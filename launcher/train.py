@@ -6,6 +6,7 @@ Runs under the `deepspeed` launcher, under `torchrun`, or as one plain process.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     distributed.prepare_environment(cfg.train.threads)
     distributed.init(cfg.train.dist_timeout)
+    here = distributed.hosts()[distributed.rank()]
+    print(f"rank {distributed.rank()}/{distributed.world_size()} on {here}, pid {os.getpid()}", flush=True)
     from launcher.trainer import DivergedError, Trainer
 
     trainer = Trainer(cfg, stop)
@@ -58,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        if not distributed.timed_out(e):
+        if distributed.timed_out(e):
+            message = distributed.timeout_message(cfg.train.dist_timeout)
+        elif distributed.peer_lost(e):
+            message = distributed.lost_message()
+        else:
             raise
-        message = distributed.timeout_message(cfg.train.dist_timeout)
-        print(f"error: rank {distributed.rank()}: {message}", file=sys.stderr)
+        print(f"error: rank {distributed.rank()}: {message}", file=sys.stderr, flush=True)
         return 1
 
 

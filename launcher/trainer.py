@@ -222,6 +222,7 @@ class Trainer:
                     self._off_the_clock("save", self._save)
                     last_saved = self.step
                 faults.maybe_kill("sigkill", self.step, dist.rank())
+                faults.maybe_slow("pause", self.step, dist.rank())
             if self.stop_requested:
                 self._announce_stop(last_saved)
             if last_saved != self.step:
@@ -341,6 +342,13 @@ class Trainer:
             print(self.precision_choice.warning, file=sys.stderr, flush=True)
 
     def _print_end(self) -> None:
+        sent = dist.comms_bytes_by_op()
+        if sent:  # every rank: on several nodes, what each one moved
+            print(
+                f"rank {dist.rank()} on {dist.this_host()}: collectives moved {sum(sent.values())} bytes "
+                "(DeepSpeed comms logger)",
+                flush=True,
+            )
         if self.is_main:
             val = "n/a" if self.val_loss is None else f"{self.val_loss:.4f}"
             print(f"done at step {self.step}: last val_loss {val}")
