@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +105,18 @@ def _tokenizer_fingerprint(cfg: DataConfig) -> list:
     return [str(p)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
+CACHE_KEY_EXEMPT = {"cache_dir": "where the result is kept, not what it holds"}
+"""DataConfig fields that do not change what data.prepare writes; every other field is in the key."""
+
+
+def cache_key(cfg: DataConfig, specs: list[SourceSpec]) -> str:
+    """The name of a preparation in the cache: the whole data config (a new field changes the key
+    unless it is listed in CACHE_KEY_EXEMPT), the corpus files' paths, sizes and mtimes, and the
+    given tokenizer's files."""
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in CACHE_KEY_EXEMPT}
+    return _digest([MANIFEST_VERSION, settings, source_fingerprint(specs), _tokenizer_fingerprint(cfg)])
+
+
 def default_workers() -> int:
     """All the cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -126,10 +138,7 @@ def prepare_data(
     _check_limits(cfg, model_vocab_size, model_max_seq_len)
     cache = Path(cfg.cache_dir)
     specs, val_specs = resolve_sources(cfg)
-    settings = [MANIFEST_VERSION, source_fingerprint(specs + val_specs), cfg.text_field, cfg.text_split]
-    settings += [cfg.val_fraction, cfg.seq_len, cfg.val_windows, cfg.weights, _tokenizer_fingerprint(cfg)]
-    settings += [cfg.tokenizer_sample_bytes, cfg.loader, cfg.shard_bytes, cfg.max_tokens]
-    manifest = cache / "prepared" / f"{_digest(settings)}.json"
+    manifest = cache / "prepared" / f"{cache_key(cfg, specs + val_specs)}.json"
     if manifest.is_file():
         prepared = _load_manifest(manifest)
     else:

@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     distributed.prepare_environment(cfg.train.threads)
     distributed.init(cfg.train.dist_timeout)
     here = distributed.hosts()[distributed.rank()]
-    print(f"rank {distributed.rank()}/{distributed.world_size()} on {here}, pid {os.getpid()}", flush=True)
+    # one write per line: the ranks of a node share the launcher's stdout
+    sys.stdout.write(f"rank {distributed.rank()}/{distributed.world_size()} on {here}, pid {os.getpid()}\n")
+    sys.stdout.flush()
     from launcher.trainer import DivergedError, Trainer
 
     trainer = Trainer(cfg, stop)

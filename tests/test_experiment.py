@@ -138,6 +138,28 @@ def test_sweep_marks_divergence_and_finds_the_best_point():
     assert "| `qkv` | `lr=0.001` | 5.0500 ± 0.0707" in lines
 
 
+def test_sensitivity_caps_a_finished_point_above_ln_vocab():
+    """A point that finished without diverging can still end above ln V (the loss of a uniform
+    guess): it counts as ln V, as Wortsman et al. cap it, not at its raw loss."""
+    points = [{"name": f"lr={lr}", "values": {"train.lr": lr}} for lr in (1e-3, 3e-2)]
+    args = SimpleNamespace(seeds=[1, 2], variants=["none"], points=points)
+
+    def run(*losses):
+        return {"evals": [(100 * i, x) for i, x in enumerate(losses, 1)], "failed": False}
+
+    results = {
+        ("lr=0.001", "none", 1): run(9.0, 5.0),
+        ("lr=0.001", "none", 2): run(9.0, 5.2),
+        ("lr=0.03", "none", 1): run(10.0, 9.0),  # falling, so not diverged, but above ln 4096 = 8.318
+        ("lr=0.03", "none", 2): run(10.0, 9.2),
+    }
+    finals = rep.point_finals(args, results)["none"]
+    cap = math.log(4096)
+    assert finals["lr=0.03"]["diverged"] == 0 and finals["lr=0.03"]["mean"] == pytest.approx(9.1)
+    assert finals["lr=0.03"]["mean"] > cap
+    assert rep.sensitivity(finals, cap) == pytest.approx((5.1 + cap) / 2 - 5.1)  # not (5.1 + 9.1) / 2 - 5.1
+
+
 def test_sweep_sensitivity_and_tokens_to_target():
     points = [{"name": f"lr={lr}", "values": {"train.lr": lr}} for lr in (1e-3, 2e-3, 4e-3)]
     args = SimpleNamespace(seeds=[1, 2], variants=["none", "qk"], points=points)

@@ -285,3 +285,61 @@ def test_a_bad_record_past_the_checked_head_is_named(tmp_path, monkeypatch):
     cfg = shard_cfg(tmp_path, str(path), tokenizer_sample_bytes=1000)
     with pytest.raises(ValueError, match=f"{path}:{lines}: malformed JSON line"):
         prepare_data(cfg, workers=1)
+
+
+# A changed value for each DataConfig field in the cache key. A new field fails the first test
+# below until someone decides: it changes the output (a value here) or it does not
+# (data.prepare.CACHE_KEY_EXEMPT).
+CHANGED = {
+    "files": "other/*.txt",
+    "format": "text",
+    "text_field": "body",
+    "text_split": "blank_lines",
+    "weights": [2.0],
+    "hf_dataset": "someone/corpus",
+    "hf_subset": "en",
+    "hf_split": "validation",
+    "tokenizer": "tok.json",
+    "vocab_size": 301,
+    "seq_len": 15,
+    "val_fraction": 0.25,
+    "val_windows": 5,
+    "loader": "stream",
+    "shard_bytes": SHARD_BYTES * 2,
+    "max_tokens": 1000,
+    "tokenizer_sample_bytes": 10_000,
+}
+
+
+def test_every_data_field_is_in_the_cache_key_or_exempt(tmp_path):
+    from dataclasses import fields, replace
+
+    from data.config import DataConfig
+    from data.prepare import CACHE_KEY_EXEMPT, cache_key
+
+    names = {f.name for f in fields(DataConfig)}
+    undecided = names - CHANGED.keys() - CACHE_KEY_EXEMPT.keys()
+    assert not undecided, f"decide whether {undecided} change what data.prepare writes"
+    cfg = data_cfg(tmp_path, "corpus/*.txt")
+    base = cache_key(cfg, [])
+    for name, value in CHANGED.items():
+        assert cache_key(replace(cfg, **{name: value}), []) != base, name
+    for name in CACHE_KEY_EXEMPT:
+        assert cache_key(replace(cfg, **{name: "elsewhere"}), []) == base, name
+
+
+@pytest.mark.parametrize(
+    "field", ["shard_bytes", "max_tokens", "seq_len", "val_windows", "val_fraction", "vocab_size", "loader"]
+)
+def test_a_changed_setting_prepares_again_instead_of_reusing_the_cache(corpus, field):
+    """The same corpus into the same cache with one setting changed: a second preparation,
+    not the first one's files."""
+    from dataclasses import replace
+
+    _, first, cfg = corpus
+    second = prepare_data(replace(cfg, **{field: CHANGED[field]}), workers=1)
+    assert second.val_path != first.val_path and second.val_path.is_file() and first.val_path.is_file()
+    if field == "shard_bytes":
+        assert len(second.shards) < len(first.shards)
+    if field in ("seq_len", "val_windows"):
+        assert validation_windows(second).shape != validation_windows(first).shape

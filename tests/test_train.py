@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import time
@@ -316,6 +318,36 @@ def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
     last = max(train_losses(run_dir))
     assert tag == f"global_step{last}" and last < 100000
     assert "stop requested" in out + err
+
+
+@pytest.mark.parametrize("signalled", [1, 0])
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(corpus, tmp_path, signalled):
+    """A scheduler or the kernel may signal one process only: the ranks agree on the stop (an
+    all-reduce MAX of the flag), save one complete checkpoint at the same step and exit 0."""
+    from tests.train_helpers import ROOT, deepspeed_cmd, env
+
+    glob, cache = corpus
+    run_dir, steps = tmp_path / "one-rank", 3000
+    extra = {"deepspeed.zero_stage": 2, "train.max_steps": steps, "train.save_interval": 0, "train.eval_interval": 0}
+    cmd = deepspeed_cmd(tiny_overrides(glob, cache, run_dir, **extra), 2, free_port())
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids, seen = {}, []
+    while len(pids) < 2:
+        line = proc.stdout.readline()
+        assert line, "".join(seen[-40:])
+        seen.append(line)
+        pids.update({int(r): int(pid) for r, pid in re.findall(r"rank (\d)/2 on .*?, pid (\d+)", line)})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(train_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}) < 3:
+        time.sleep(0.1)
+    os.kill(pids[signalled], signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    last = max(train_losses(run_dir))
+    assert last < steps and (run_dir / "checkpoints/latest").read_text() == f"global_step{last}"
+    files = sorted(p.name for p in (run_dir / f"checkpoints/global_step{last}").glob("zero_pp_rank_*"))
+    assert files == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert f"stop requested: saving at step {last}" in out
 
 
 def test_a_dead_rank_does_not_hang_the_job(corpus, tmp_path):
