@@ -27,19 +27,19 @@ fail() { echo "error: $*" >&2; exit 2; }
 
 # ---- stops: each stage runs in its own session, so a terminal's Ctrl-C reaches only this
 # script, which turns it into a stop the stage can finish cleanly.
-stage="setup" child="" stops=0 run_dir=""
+stage="setup" child="" stops=0 stop_file=""
 on_stop() {
   stops=$((stops + 1))
   if [ "$stops" -ge 2 ]; then
     echo "aborted: second stop request; the last complete checkpoint is kept" >&2
     [ -n "$child" ] && kill -KILL -- "-$child" 2>/dev/null || true
-    [ -n "$run_dir" ] && rm -f "$run_dir/stop" || true
+    [ -n "$stop_file" ] && rm -f "$stop_file" || true
     exit 130
   fi
   echo "stop requested during $stage: finishing cleanly (stop again to abort)" >&2
   case "$stage" in
     prepare) kill -INT -- "-$child" 2>/dev/null || true ;;
-    train) : > "$run_dir/stop" ;;  # launcher.train saves at the next step boundary
+    train) : > "$stop_file" ;;  # launcher.train saves at the next step boundary
   esac
 }
 trap on_stop INT TERM
@@ -89,7 +89,8 @@ else
 fi
 export TOKENIZERS_PARALLELISM=false
 
-run_dir="$(python -m launcher.config --config "$config" "$@" --get train.output_dir)" || exit 2
+run_dir="$(python -m run.config --config "$config" "$@" --get train.output_dir)" || exit 2
+stop_file="$(python -m run.rundir "$run_dir" --get stop)"
 source tools/launch.sh
 plan_launch  # checks the nodes; sets train_cmd, the deepspeed launcher (or srun) command
 stopped && { say "stopped before training"; exit 0; }
@@ -99,20 +100,20 @@ if stopped; then say "stopped during data preparation; run again to continue"; e
 [ "$rc" -eq 0 ] || exit "$rc"
 
 say "[train] ${train_cmd[*]} --config $config $*"
-mkdir -p "$run_dir" && rm -f "$run_dir/stop"
+mkdir -p "$run_dir" && rm -f "$stop_file"
 run_stage train "${train_cmd[@]}" --config "$config" "$@"
 [ "$rc" -eq 0 ] || exit "$rc"
 stopped && say "training stopped at a step boundary and saved"
 
 if [ "${NODE_RANK:-0}" = "0" ]; then
-  if [ ! -f "$run_dir/checkpoints/latest" ]; then
+  if ! python -m run.rundir "$run_dir" --get latest >/dev/null 2>&1; then
     say "no checkpoint yet in $run_dir: nothing to export"
     exit 0
   fi
   run_stage export python -m launcher.export_hf --run "$run_dir"
   [ "$rc" -eq 0 ] || exit "$rc"
   say
-  say "Hugging Face export: $run_dir/hf"
-  say "TensorBoard:         .venv/bin/tensorboard --logdir $run_dir/tensorboard"
+  say "Hugging Face export: $(python -m run.rundir "$run_dir" --get export)"
+  say "TensorBoard:         .venv/bin/tensorboard --logdir $(python -m run.rundir "$run_dir" --get tensorboard)"
   say "Run directory:       $run_dir"
 fi

@@ -45,8 +45,8 @@ def worker(args: argparse.Namespace) -> dict:
     """One variant: returns the step's added peak and the resident set before it, in GiB."""
     import torch
 
-    from launcher.config import load_run_config
     from model import Transformer
+    from run.config import load_run_config
 
     precision, checkpointing = args.worker[0], args.worker[1] == "on"
     cfg = load_run_config(args.config, ["model.attn_backend=sdpa"]).model

@@ -40,8 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def worker(args: argparse.Namespace) -> None:
     """One rank: set up the trainer, train --steps steps with the comms logger on, report."""
     from launcher import distributed as dist
-    from launcher.config import load_run_config
     from launcher.stopping import StopRequest
+    from run.config import load_run_config
+    from run.rundir import RunDir
 
     cfg = load_run_config(args.config, args.overrides)
     dist.prepare_environment(cfg.train.threads)
@@ -50,7 +51,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from launcher.trainer import Trainer
 
-    trainer = Trainer(cfg, StopRequest(Path(cfg.train.output_dir)))
+    trainer = Trainer(cfg, StopRequest(RunDir(cfg.train.output_dir)))
     trainer.setup()
     before = dist.comms_bytes_by_op()
     losses = [trainer.train_step() for _ in range(args.steps)]

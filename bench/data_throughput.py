@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from data import Prefetcher, ShardLoader, TokenStream, prepare_data  # noqa: E402
 from data.prepare import default_workers  # noqa: E402
-from launcher.config import load_run_config  # noqa: E402
+from run.config import load_run_config  # noqa: E402
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

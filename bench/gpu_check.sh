@@ -76,7 +76,7 @@ main() {
     if want tests; then
         stage "CUDA tests of the kernels"
         TRITON_ATTN_AUTOTUNE=0 timeout -k 10 "$(cap 120 260)" "$PY" -m pytest -q -m cuda -p no:cacheprovider \
-            -n "$workers" --deselect tests/test_triton_attention.py::test_cuda_timing_sanity \
+            -n "$workers" \
             tests/test_triton_attention.py tests/test_flash_attention.py
         tests=$?
     fi

@@ -52,8 +52,9 @@ def memory_gib() -> dict[str, float]:
 def worker(args: argparse.Namespace, config: str) -> None:
     """One rank: the trainer's set-up and --steps steps; writes RANK.json with memory by phase."""
     from launcher import distributed as dist
-    from launcher.config import load_run_config
     from launcher.stopping import StopRequest
+    from run.config import load_run_config
+    from run.rundir import RunDir
 
     cfg = load_run_config(config, args.overrides)
     dist.prepare_environment(cfg.train.threads)
@@ -61,7 +62,7 @@ def worker(args: argparse.Namespace, config: str) -> None:
     from launcher.trainer import Trainer
 
     phases = {"start": memory_gib()}
-    trainer = Trainer(cfg, StopRequest(Path(cfg.train.output_dir)))
+    trainer = Trainer(cfg, StopRequest(RunDir(cfg.train.output_dir)))
     build_engine, build_model = trainer._build_engine, trainer._build_model
 
     def recorded_engine() -> None:

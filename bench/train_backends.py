@@ -208,8 +208,8 @@ def why_skipped(backend: str, config: str, overrides: list[str]) -> str | None:
     import torch
 
     from kernels import BACKENDS as KERNELS
-    from launcher.config import load_run_config
     from launcher.precision import resolve_precision
+    from run.config import load_run_config
 
     cfg = load_run_config(config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -221,7 +221,7 @@ def why_skipped(backend: str, config: str, overrides: list[str]) -> str | None:
 
 def training_rows(metrics: Path) -> list[dict]:
     """The training rows (those with tokens/s) of a run's metrics.jsonl so far (the one reader)."""
-    from launcher.metrics import read_metrics
+    from run.rundir import read_metrics
 
     return [r for r in read_metrics(metrics) if r.get("tokens_per_sec")] if metrics.is_file() else []
 
@@ -245,7 +245,7 @@ def summarize(metrics: Path, tokens_per_step: int) -> dict:
 
 def train_one(plan: Plan, config: str, backend: str, compiled: bool, timeout: float) -> dict:
     """One run of launcher.train; its row of the table."""
-    from launcher.config import load_run_config
+    from run.config import load_run_config
 
     name = f"{Path(config).stem}-{backend}-{'compiled' if compiled else 'eager'}"
     run_dir = plan.work / "runs" / name

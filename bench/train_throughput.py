@@ -43,8 +43,9 @@ class RandomWindows:
 def build_ours(cfg):
     from launcher.stopping import StopRequest
     from launcher.trainer import Trainer
+    from run.rundir import RunDir
 
-    trainer = Trainer(cfg, StopRequest(Path(cfg.train.output_dir)))
+    trainer = Trainer(cfg, StopRequest(RunDir(cfg.train.output_dir)))
     trainer._build_engine()
     trainer.stream = RandomWindows(cfg.model.vocab_size, cfg.data.seq_len)
     return trainer.train_step
@@ -56,7 +57,7 @@ def build_reference(cfg, compiled: bool = False):
 
     from transformers import LlamaForCausalLM
 
-    from launcher.hf.convert import hf_config
+    from export.convert import hf_config
     from launcher.optim import build_optimizer
 
     m = cfg.model
@@ -99,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from launcher import distributed
-    from launcher.config import load_run_config
+    from run.config import load_run_config
 
     cfg = load_run_config(args.config, ["train.output_dir=runs/bench", "log.progress=false", *args.overrides])
     distributed.prepare_environment(cfg.train.threads)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.config import ConfigError, DataConfig
+from core.errors import ConfigError
+from data.config import DataConfig
 from data.default_corpus import fetch_default_corpus, split_plays
 from data.sources import ScanReport, SourceSpec, check_files, doc_hash, file_sources, hub_source, iter_checked_texts
 from data.stream import TOKENIZE_BATCH, WindowPacker

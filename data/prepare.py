@@ -30,9 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.config import ConfigError, DataConfig, build_section, help_parser, load_yaml, run_main
+from core.cli import run_main
+from core.config import build_section, help_parser, load_yaml
+from core.errors import ConfigError
+from core.files import write_atomic
+from data.config import DataConfig
 from data.corpus import CorpusPass, format_stats, resolve_sources, source_fingerprint
-from data.shards import ShardJob, ShardWriter, save_npy, token_dtype, write_atomic
+from data.shards import ShardJob, ShardWriter, save_npy, token_dtype
 from data.sources import SourceSpec
 from data.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_bpe
 

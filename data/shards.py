@@ -18,8 +18,8 @@ do not depend on the number of workers.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import signal
 from collections import deque
 from collections.abc import Iterator
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from core.files import write_atomic
 from data.sources import SourceSpec, doc_hash, iter_checked_texts
 
 LOOKAHEAD = 2
@@ -68,19 +69,12 @@ def shard_name(ordinal: int, index: int) -> str:
     return f"s{ordinal:02d}_{index:05d}"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def save_npy(path: Path, array: np.ndarray) -> bytes:
     """Write `array` as .npy atomically; returns the file's bytes (for the checksum)."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)
-    return path.read_bytes()
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def finished(folder: Path, name: str) -> dict | None:

@@ -14,7 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.config import ConfigError, DataConfig
+from core.errors import ConfigError
+from data.config import DataConfig
 
 EXTENSIONS = {
     ".txt": "text",

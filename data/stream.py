@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from data.config import ConfigError
+from core.errors import ConfigError
 from data.sources import SourceSpec, doc_hash, open_texts
 
 TOKENIZE_BATCH = 16

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data.config import ConfigError
+from core.errors import ConfigError
 
 EOS_TOKEN = "<|endoftext|>"
 """The end-of-text token of trained tokenizers: it separates packed documents."""

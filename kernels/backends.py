@@ -168,7 +168,7 @@ def attention(
     k: Tensor,
     v: Tensor,
     *,
-    precondition: str = "qkv",
+    precondition: str = "qk",
     backend: str = "auto",
     causal: bool = True,
     eps: float = 1e-6,

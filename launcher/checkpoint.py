@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -25,22 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.config import ConfigError
+from core.errors import ConfigError
+from core.files import write_atomic
 from launcher import distributed as dist
 from launcher import faults
+from run.rundir import TAG_PATTERN, RunDir, tag_for
 
 MANIFEST = "checkpoint.json"
-TAG_PATTERN = re.compile(r"global_step(\d+)")
 UNIVERSAL_SUFFIX = "_universal"
-
-
-def tag_for(step: int) -> str:
-    return f"global_step{step}"
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    latest = ckpt_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
 
 
 def rng_state() -> dict:
@@ -58,7 +49,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, data_state: dict, keep_last: int) -> str:
+def save(engine, run: RunDir, step: int, client_state: dict, data_state: dict, keep_last: int) -> str:
     """Collective: every rank calls it. Returns the tag written."""
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
@@ -68,7 +59,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, data_state: dict
 
     tag = tag_for(step)
     if dist.rank() == 0:  # a crashed save's leftovers (maybe from another world size) must not mix in
-        for stale in (ckpt_dir / tag, ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"):
+        for stale in (run.checkpoint(tag), run.checkpoint(f"{tag}{UNIVERSAL_SUFFIX}")):
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     state = dict(client_state)
@@ -78,22 +69,18 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, data_state: dict
     state["data_states"] = dist.gather_objects(data_state)
     state["rng_states"] = dist.gather_objects(rng_state())
     state[UNIVERSAL_CHECKPOINT_INFO] = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    engine.save_checkpoint(str(run.checkpoints), tag=tag, client_state=state, save_latest=False)
     faults.maybe_slow("slow-save", step, dist.rank())
     faults.maybe_kill("sigkill-save", step, dist.rank())
     dist.barrier()
     if dist.rank() == 0:
-        write_manifest(ckpt_dir / tag, step, dist.world_size(), engine.zero_optimization_stage(), state["global_batch"])
-        _write_atomic(ckpt_dir / "latest", tag)
-        prune(ckpt_dir, keep_last)
+        write_manifest(
+            run.checkpoint(tag), step, dist.world_size(), engine.zero_optimization_stage(), state["global_batch"]
+        )
+        run.set_latest(tag)
+        prune(run, keep_last)
     dist.barrier()
     return tag
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def write_manifest(folder: Path, step: int, world_size: int, zero_stage: int, global_batch: int) -> None:
@@ -102,7 +89,7 @@ def write_manifest(folder: Path, step: int, world_size: int, zero_stage: int, gl
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     record = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "global_batch": global_batch}
     record["files"] = files
-    _write_atomic(folder / MANIFEST, json.dumps(record, indent=1) + "\n")
+    write_atomic(folder / MANIFEST, json.dumps(record, indent=1) + "\n")
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -131,39 +118,36 @@ def damage(folder: Path) -> str | None:
     return None
 
 
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags of the checkpoints in `ckpt_dir` that are whole, oldest first."""
-    tags = sorted(
-        (p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.fullmatch(p.name)),
-        key=lambda p: int(p.name.removeprefix("global_step")),
-    )
-    return [p.name for p in tags if damage(p) is None]
+def complete_tags(run: RunDir) -> list[str]:
+    """Tags of the checkpoints in `run.checkpoints` that are whole, oldest first."""
+    return [tag for tag in run.tags() if damage(run.checkpoint(tag)) is None]
 
 
-def check_resume(ckpt_dir: Path, zero_stage: int) -> str | None:
-    """The tag a run in `ckpt_dir` resumes from (None for a fresh run), after checking, before
+def check_resume(run: RunDir, zero_stage: int) -> str | None:
+    """The tag a run in `run.checkpoints` resumes from (None for a fresh run), after checking, before
     anything is loaded or written, that it can: a ConfigError says what is wrong and what to do.
     The world size is checked by `plan_resume`, once the data pipeline is known."""
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
+    latest = run.latest_file
+    tag = run.latest_tag()
+    if tag is None:
         return None
-    tag = latest.read_text(errors="replace").strip()
     problem = None
     if not TAG_PATTERN.fullmatch(tag):
         problem = f"{latest}: {tag[:40]!r} is not a checkpoint tag"
-    elif not (ckpt_dir / tag).is_dir():
+    elif not (run.checkpoint(tag)).is_dir():
         problem = f"{latest}: names {tag}, which does not exist"
     else:
-        problem = damage(ckpt_dir / tag)
+        problem = damage(run.checkpoint(tag))
     if problem:
-        whole = [t for t in complete_tags(ckpt_dir) if t != tag]
+        whole = [t for t in complete_tags(run) if t != tag]
         newest = f"write {whole[-1]} (the newest complete checkpoint) into {latest}" if whole else None
         todo = newest or f"remove {latest} to start afresh"
         raise ConfigError(f"{problem}; {todo}")
-    saved_stage = (read_manifest(ckpt_dir / tag) or {}).get("zero_stage", zero_stage)
+    saved_stage = (read_manifest(run.checkpoint(tag)) or {}).get("zero_stage", zero_stage)
     if saved_stage != zero_stage:
         raise ConfigError(
-            f"{ckpt_dir / tag}: written under ZeRO stage {saved_stage}; resume with deepspeed.zero_stage={saved_stage}"
+            f"{run.checkpoint(tag)}: written under ZeRO stage {saved_stage}; "
+            f"resume with deepspeed.zero_stage={saved_stage}"
         )
     return tag
 
@@ -193,31 +177,31 @@ class Resume:
         )
 
 
-def plan_resume(ckpt_dir: Path, tag: str, world_size: int, zero_stage: int, elastic: bool) -> Resume:
+def plan_resume(run: RunDir, tag: str, world_size: int, zero_stage: int, elastic: bool) -> Resume:
     """How checkpoint `tag` (checked by check_resume) loads on `world_size` ranks; a ConfigError,
     before anything is loaded or written, when the data pipeline cannot follow another world size."""
-    record = read_manifest(ckpt_dir / tag) or {}
+    record = read_manifest(run.checkpoint(tag)) or {}
     saved = record.get("world_size", world_size)
     if saved != world_size and not elastic:
         raise ConfigError(
-            f"{ckpt_dir / tag}: written by {ranks(saved)}, resuming with {world_size}; a streamed run "
+            f"{run.checkpoint(tag)}: written by {ranks(saved)}, resuming with {world_size}; a streamed run "
             f"(data.loader=stream) resumes only on {ranks(saved)}; use data.loader=shards to change the number of ranks"
         )
     universal = saved != world_size and zero_stage > 0
     return Resume(tag, saved, world_size, elastic, universal, record.get("global_batch"))
 
 
-def universal_copy(ckpt_dir: Path, tag: str) -> tuple[Path, bool]:
+def universal_copy(run: RunDir, tag: str) -> tuple[Path, bool]:
     """Collective. The universal copy of checkpoint `tag`, <tag>_universal beside it, made by
     rank 0 on first use while the others wait; returns its path and whether this call made it."""
-    out = ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"
+    out = run.checkpoint(f"{tag}{UNIVERSAL_SUFFIX}")
     made, error = False, None
     if dist.rank() == 0 and not out.is_dir():
-        made, error = True, convert_to_universal(ckpt_dir / tag, out)
+        made, error = True, convert_to_universal(run.checkpoint(tag), out)
     error = dist.gather_objects(error)[0]  # the other ranks wait here for rank 0's conversion
     if error:
         raise ConfigError(
-            f"{ckpt_dir / tag}: conversion to a universal checkpoint failed ({error}); "
+            f"{run.checkpoint(tag)}: conversion to a universal checkpoint failed ({error}); "
             "resume on the number of ranks that wrote it"
         )
     return out, made
@@ -270,32 +254,30 @@ def repair_zero3_universal_load(engine, folder: Path) -> None:
             state["step"] = state["step"].clone()
 
 
-def prune(ckpt_dir: Path, keep_last: int) -> None:
+def prune(run: RunDir, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step folders (never the one `latest` names)."""
-    keep = latest_tag(ckpt_dir)
-    tags = sorted(
-        (p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.fullmatch(p.name)),
-        key=lambda p: int(p.name.removeprefix("global_step")),
-    )
-    for p in tags[:-keep_last]:
-        if p.name != keep:
-            for folder in (p, ckpt_dir / f"{p.name}{UNIVERSAL_SUFFIX}", ckpt_dir / f"{p.name}{UNIVERSAL_SUFFIX}.tmp"):
-                shutil.rmtree(folder, ignore_errors=True)
+    keep = run.latest_tag()
+    for tag in run.tags()[:-keep_last]:
+        if tag != keep:
+            for name in (tag, f"{tag}{UNIVERSAL_SUFFIX}", f"{tag}{UNIVERSAL_SUFFIX}.tmp"):
+                shutil.rmtree(run.checkpoint(name), ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path, resume: Resume) -> dict:
+def load(engine, run: RunDir, resume: Resume) -> dict:
     """Load the checkpoint `resume` names (through its universal copy on another world size:
     the engine must then be built with checkpoint.load_universal); returns our client state with
     this rank's data state under "data_state", and sets this rank's RNG state."""
     tag, note = resume.tag, "ZeRO stage 0 keeps whole states, loaded as written"
     if resume.universal:
-        path, made = universal_copy(ckpt_dir, tag)
+        path, made = universal_copy(run, tag)
         tag, note = path.name, f"{'converted to' if made else 'using'} a universal checkpoint at {path}"
-    loaded, state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    loaded, state = engine.load_checkpoint(str(run.checkpoints), tag=tag)
     if loaded is None or state is None:
-        raise ConfigError(f"{ckpt_dir / tag}: checkpoint could not be loaded; name another tag in {ckpt_dir}/latest")
+        raise ConfigError(
+            f"{run.checkpoint(tag)}: checkpoint could not be loaded; name another tag in {run.latest_file}"
+        )
     if resume.universal and engine.zero_optimization_stage() == 3:
-        repair_zero3_universal_load(engine, ckpt_dir / tag)
+        repair_zero3_universal_load(engine, run.checkpoint(tag))
     if resume.saved_world_size != resume.world_size and dist.rank() == 0:
         saved, now = ranks(resume.saved_world_size), ranks(resume.world_size)
         print(f"resuming {resume.tag} written by {saved} on {now}: {note}", flush=True)

@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from data.config import ConfigError
+from core.errors import ConfigError
 
 
 def free_port() -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data.config import ConfigError
-from launcher.config import RunConfig
+from core.errors import ConfigError
+from run.config import RunConfig
 
 # ZeRO-3 settings a user JSON may override. DeepSpeed steps the fp32 partition in sub-groups
 # of this many elements, so AdamW's temporaries stay that small: the 350M model peaked at 5.7

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 
-from data.config import ConfigError
+from core.errors import ConfigError
 
 KINDS = ("sigkill", "sigkill-save", "nan", "slow-eval", "slow-save", "pause")
 SLOW_SECONDS = 2.0
@@ -33,9 +33,18 @@ def parse(spec: str) -> list[tuple[str, int, int]]:
     return faults
 
 
+_active: frozenset[tuple[str, int, int]] = frozenset()
+
+
+def load() -> None:
+    """Read PRECOND_FAULT once, at start (a bad value is a ConfigError); the hooks below only look up."""
+    global _active
+    _active = frozenset(parse(os.environ.get("PRECOND_FAULT", "")))
+
+
 def due(kind: str, step: int, rank: int) -> bool:
-    """True when PRECOND_FAULT asks for `kind` at `step` on `rank`."""
-    return (kind, step, rank) in parse(os.environ.get("PRECOND_FAULT", ""))
+    """True when PRECOND_FAULT asks for `kind` at `step` on `rank` (after load())."""
+    return (kind, step, rank) in _active
 
 
 def maybe_kill(kind: str, step: int, rank: int) -> None:

@@ -20,7 +20,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from data.config import ConfigError, run_main
+from core.cli import run_main
+from core.errors import ConfigError
 
 SSH_TIMEOUT_S = 10
 

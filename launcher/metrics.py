@@ -4,56 +4,27 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 from tqdm import tqdm
 
-from data.config import ConfigError
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl. A last line cut short by a crash is dropped; a malformed
-    line before it is a ConfigError naming the file and line."""
-    lines = path.read_text(errors="replace").splitlines()
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if number == len(lines):
-                break  # torn by a crash mid-write
-            raise ConfigError(f"{path}:{number}: not a JSON row; remove the line or the file") from None
-    return rows
-
-
-def truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop rows past `after_step` (left by a run that died after its last checkpoint) and a
-    torn last line, so a resumed run appends each step once. Atomic: temporary file, then rename."""
-    if not path.is_file():
-        return
-    keep = [row for row in read_metrics(path) if row.get("step", 0) <= after_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
-    tmp.replace(path)
+from run.rundir import RunDir
 
 
 class MetricsLogger:
-    """Writes rows to RUN_DIR/metrics.jsonl and scalars to RUN_DIR/tensorboard; no-op off rank 0."""
+    """Writes rows to the run's metrics.jsonl and scalars to its TensorBoard folder; no-op off rank 0."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, progress: bool, total: int, start: int):
+    def __init__(self, run: RunDir, *, enabled: bool, tensorboard: bool, progress: bool, total: int, start: int):
         self.enabled = enabled
         self.writer = None
         self.bar = None
         if not enabled:
             return
-        truncate_metrics(run_dir / "metrics.jsonl", start)
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        run.truncate_metrics(start)
+        self.file = open(run.metrics, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
+            self.writer = SummaryWriter(str(run.tensorboard), purge_step=start + 1)
         if progress:
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
 

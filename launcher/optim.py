@@ -7,16 +7,8 @@ import math
 import torch
 from torch import nn
 
-from launcher.config import TrainConfig
-
-
-def param_groups(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
-    """(name, parameter) of the matrices (weight decay) and of the other parameters (none), each
-    in named_parameters order, a tied parameter once: the optimizer's two param groups."""
-    # a parameter built under ZeRO-3's zero.Init is an empty 1-d tensor; ds_shape is its real shape
-    is_matrix = lambda p: len(getattr(p, "ds_shape", p.shape)) >= 2
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [(n, p) for n, p in named if is_matrix(p)], [(n, p) for n, p in named if not is_matrix(p)]
+from model import param_groups
+from run.config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -7,23 +7,22 @@
   the ranks with a signal; ./run_pretrain.sh writes it when it is stopped. The run removes it
   once the stop is agreed.
 - A closed stdout (`./run_pretrain.sh | head`) must not kill a rank before it saves:
-  data.config.run_main drops output to it from then on.
+  core.cli.run_main drops output to it from then on.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
-STOP_FILE = "stop"
+from run.rundir import RunDir
 
 
 class StopRequest:
     """Whether this process was asked to stop; install() before the heavy set-up."""
 
-    def __init__(self, run_dir: Path):
-        self.stop_file = Path(run_dir) / STOP_FILE
+    def __init__(self, run: RunDir):
+        self.stop_file = run.stop_file
         self.signalled = False
         self.interrupts = 0
 

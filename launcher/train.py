@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from data.config import ConfigError, help_parser, run_main
+from core.cli import run_main
+from core.config import help_parser
+from core.errors import ConfigError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from launcher.config import SECTIONS
+    from run.config import SECTIONS
 
     parser = help_parser("python -m launcher.train", __doc__.splitlines()[0], SECTIONS)
     parser.add_argument("--config", required=True, help="a run config YAML, e.g. configs/tiny.yaml")
@@ -25,12 +26,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from launcher.config import check_run_dir, load_run_config
+    from launcher import faults
     from launcher.stopping import StopRequest
+    from run.config import check_run_dir, load_run_config
+    from run.rundir import RunDir
 
     cfg = load_run_config(args.config, args.overrides)  # validate before starting anything heavy
     check_run_dir(cfg)
-    stop = StopRequest(Path(cfg.train.output_dir))
+    faults.load()
+    stop = StopRequest(RunDir(cfg.train.output_dir))
     stop.install()  # a stop during the set-up below exits cleanly at the first step boundary
 
     import warnings
@@ -52,10 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.setup()
         return trainer.run()
     except DivergedError as e:
-        from launcher.checkpoint import latest_tag
-
         if distributed.rank() == 0:
-            last = latest_tag(trainer.ckpt_dir) or "none"
+            last = trainer.rundir.latest_tag() or "none"
             print(f"error: training diverged: {e}; stopped without saving (latest checkpoint: {last})", file=sys.stderr)
         return 1
     except ConfigError as e:

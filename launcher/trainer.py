@@ -9,7 +9,6 @@ import math
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +17,14 @@ from data import prepare_data, training_batches, validation_windows
 from kernels import resolve_backend
 from launcher import checkpoint, faults, memory
 from launcher import distributed as dist
-from launcher.config import RunConfig, save_run_config
 from launcher.ds_config import build_ds_config, deepspeed_clips
-from launcher.hf.files import keep_tokenizer
 from launcher.metrics import MetricsLogger
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.precision import resolve_precision
 from launcher.stopping import StopRequest
 from model import Transformer, count_parameters, flops_per_token
+from run.config import RunConfig, save_run_config
+from run.rundir import RunDir
 
 # Dense bf16 peak FLOP/s per device for MFU; CPU: measured on the 2-core development machines.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "cpu-bf16": 1.0e12, "cpu-fp32": 0.23e12}
@@ -35,18 +34,18 @@ class DivergedError(RuntimeError):
     pass
 
 
-def peak_flops(device: torch.device, precision: str) -> float:
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of one device, None for a GPU not in PEAK_FLOPS (MFU then unknown)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return next((v for k, v in PEAK_FLOPS.items() if k in name), 989e12)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     return PEAK_FLOPS[f"cpu-{precision}"]
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, stop: StopRequest):
         self.cfg = cfg
-        self.run_dir = Path(cfg.train.output_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.rundir = RunDir(cfg.train.output_dir)
         self.is_main = dist.rank() == 0
         self.stop = stop
         self.stop_requested = False
@@ -61,7 +60,7 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        resume_tag = checkpoint.check_resume(self.ckpt_dir, cfg.deepspeed.zero_stage)
+        resume_tag = checkpoint.check_resume(self.rundir, cfg.deepspeed.zero_stage)
         if self.is_main:
             self.prepared = prepare_data(
                 cfg.data, model_vocab_size=cfg.model.vocab_size, model_max_seq_len=cfg.model.max_seq_len
@@ -82,10 +81,10 @@ class Trainer:
         self.resume = self._plan_resume(resume_tag) if resume_tag else None
         self._prepare_run_dir()
         if self.is_main:
-            keep_tokenizer(self.prepared.tokenizer_dir, self.run_dir)
+            self.rundir.keep_tokenizer(self.prepared.tokenizer_dir)
         self.val = validation_windows(self.prepared)
         self._build_engine()
-        state = checkpoint.load(self.engine, self.ckpt_dir, self.resume) if self.resume else None
+        state = checkpoint.load(self.engine, self.rundir, self.resume) if self.resume else None
         self.step, self.tokens, self.val_loss = 0, 0, None
         if state is not None:
             self.step, self.tokens, self.val_loss = state["step"], state["tokens"], state.get("val_loss")
@@ -97,7 +96,7 @@ class Trainer:
         with this data pipeline; rank 0 warns when the global batch changed."""
         t = self.cfg.train
         elastic = self.stream.elastic  # its state is the same on every rank and world size
-        resume = checkpoint.plan_resume(self.ckpt_dir, tag, dist.world_size(), self.cfg.deepspeed.zero_stage, elastic)
+        resume = checkpoint.plan_resume(self.rundir, tag, dist.world_size(), self.cfg.deepspeed.zero_stage, elastic)
         warning = resume.global_batch_warning(t.micro_batch_size * t.grad_accum * dist.world_size())
         if warning and self.is_main:
             print(warning, file=sys.stderr, flush=True)
@@ -107,8 +106,8 @@ class Trainer:
         """Create the run dir and save the resolved config (launcher.train has checked that a
         run it holds has the same model and data sections)."""
         if self.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            save_run_config(self.cfg, self.run_dir / "config.yaml")
+            self.rundir.checkpoints.mkdir(parents=True, exist_ok=True)
+            save_run_config(self.cfg, self.rundir.config)
         dist.barrier()
 
     def _build_engine(self) -> None:
@@ -196,7 +195,7 @@ class Trainer:
         self.tokens_per_step = t.micro_batch_size * t.grad_accum * dist.world_size() * cfg.data.seq_len
         self._print_summary()
         self.log = MetricsLogger(
-            self.run_dir,
+            self.rundir,
             enabled=self.is_main,
             tensorboard=cfg.log.tensorboard,
             progress=cfg.log.progress,
@@ -254,7 +253,8 @@ class Trainer:
     def _log_train(self, loss: float) -> None:
         seconds = time.perf_counter() - self.clock_start - self.paused
         tps = (self.tokens - self.clock_tokens) / max(seconds, 1e-9)
-        mfu = tps * flops_per_token(self.cfg.model, self.cfg.data.seq_len) / self._peak_flops()
+        peak = self._peak_flops()
+        mfu = tps * flops_per_token(self.cfg.model, self.cfg.data.seq_len) / peak if peak else None
         grad_norm = self.engine.get_global_grad_norm() if deepspeed_clips(self.cfg, self.precision) else self.grad_norm
         grad_norm = float(grad_norm) if grad_norm is not None else None
         lr, mem_gb = self.step_lr, self._memory_gb()
@@ -266,8 +266,12 @@ class Trainer:
         self.log.progress(self.step, loss=loss, tok_s=tps)
         self._start_clock()
 
-    def _peak_flops(self) -> float:
-        per_device = peak_flops(self.device, self.precision)
+    def _peak_flops(self) -> float | None:
+        """The whole job's peak: per device (train.peak_flops, else by name) times devices (on a CPU,
+        the nodes: the ranks of a node share its cores)."""
+        per_device = self.cfg.train.peak_flops or peak_flops(self.device, self.precision)
+        if per_device is None:
+            return None
         W = dist.world_size()
         return per_device * (W if self.device.type == "cuda" else W / dist.local_world_size())
 
@@ -282,7 +286,7 @@ class Trainer:
     def _conditioning_row(self) -> tuple[dict, dict]:
         """The probe on two fixed validation windows: one no-grad forward on every rank (ZeRO-3
         gathers parameters collectively), the SVDs on rank 0. Touches no training state."""
-        from launcher.probe import probe_during_training
+        from model.probe import probe_during_training
 
         tags = probe_during_training(self.engine, self.val[:2, :-1], self.cfg)
         return tags, tags
@@ -290,9 +294,9 @@ class Trainer:
     def _save(self) -> tuple[dict, dict]:
         state = {"tokens": self.tokens, "val_loss": self.val_loss, "config": self.cfg.to_dict()}
         tag = checkpoint.save(
-            self.engine, self.ckpt_dir, self.step, state, self.stream.state_dict(), self.cfg.train.keep_last
+            self.engine, self.rundir, self.step, state, self.stream.state_dict(), self.cfg.train.keep_last
         )
-        self.log.write(f"step {self.step}: saved checkpoint {self.ckpt_dir / tag}")
+        self.log.write(f"step {self.step}: saved checkpoint {self.rundir.checkpoint(tag)}")
         return {}, {}
 
     def _memory_gb(self) -> float:
@@ -322,7 +326,7 @@ class Trainer:
         backend = resolve_backend(c.model.attn_backend, device=self.device)
         states = memory.describe(self.n_params, c.deepspeed.zero_stage, dist.world_size(), self.precision)
         lines = [
-            f"run directory   {self.run_dir}" + (f" (resuming at step {self.step})" if self.resumed else ""),
+            f"run directory   {self.rundir.root}" + (f" (resuming at step {self.step})" if self.resumed else ""),
             f"model           {self.n_params / 1e6:.2f}M parameters, {c.model.n_layers} layers, d_model "
             f"{c.model.d_model}, {c.model.n_heads}/{c.model.n_kv_heads} q/kv heads",
             f"attention       backend {backend} (asked: {c.model.attn_backend}), preconditioner {c.model.precondition}",
@@ -352,6 +356,6 @@ class Trainer:
         if self.is_main:
             val = "n/a" if self.val_loss is None else f"{self.val_loss:.4f}"
             print(f"done at step {self.step}: last val_loss {val}")
-            print(f"metrics:     {self.run_dir / 'metrics.jsonl'}")
-            print(f"TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}")
-            print(f"run directory: {self.run_dir}", flush=True)
+            print(f"metrics:     {self.rundir.metrics}")
+            print(f"TensorBoard: tensorboard --logdir {self.rundir.tensorboard}")
+            print(f"run directory: {self.rundir.root}", flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data.config import check_choice, check_range
+from core.config import check_choice, check_range
 from kernels import BACKENDS, PRECONDITIONERS
 
 
@@ -31,7 +31,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the embedding matrix with the LM head."""
     precondition: str = "qk"
-    """Diagonal attention preconditioner: none, qk, qkv or row (see README)."""
+    """Diagonal attention preconditioner: none, qk, qkv or row (see docs/kernels.md)."""
     precondition_eps: float = 1e-6
     """Epsilon inside the preconditioner's rms."""
     attn_backend: str = "auto"

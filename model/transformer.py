@@ -196,3 +196,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     per_layer += 3 * cfg.d_model * cfg.ffn_hidden
     n_matmul = cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
     return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def param_groups(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(name, parameter) of the matrices (weight decay) and of the other parameters (none), each
+    in named_parameters order, a tied parameter once: the optimizer's two param groups."""
+    # a parameter built under ZeRO-3's zero.Init is an empty 1-d tensor; ds_shape is its real shape
+    is_matrix = lambda p: len(getattr(p, "ds_shape", p.shape)) >= 2
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [(n, p) for n, p in named if is_matrix(p)], [(n, p) for n, p in named if not is_matrix(p)]

@@ -1,5 +1,12 @@
+"""Fixtures every test file may use: global torch state, a tiny corpus, trained run directories.
+
+Under pytest-xdist (`--dist loadfile`) each worker is its own session: a session fixture is
+built once per worker that needs it, and a file's tests all run on one worker.
+"""
+
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,3 +33,30 @@ def _restore_global_torch_state():
 @pytest.fixture
 def project_root():
     return ROOT
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[str, Path]:
+    """(glob, cache_dir): tests.train_helpers' tiny corpus and a data cache, one pair per test
+    file, so that a file's runs share one prepared cache and no file sees another's."""
+    from tests.train_helpers import write_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    return write_corpus(root / "corpus"), root / "cache"
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """name -> run directory of each of tests.ds_run_fixture.STANDARD_SPECS (ZeRO 0-3, 1 and 2
+    ranks), trained once per worker for every file that reads them."""
+    from tests.ds_run_fixture import STANDARD_SPECS, make_run_dirs
+
+    return make_run_dirs(tmp_path_factory.mktemp("ds_runs"), STANDARD_SPECS)
+
+
+@pytest.fixture(scope="session")
+def exports(runs) -> dict[str, Path]:
+    """name -> each run in `runs` exported to its default folder, RUN_DIR/hf (once per worker)."""
+    from export import cli as export_hf
+
+    return {name: export_hf.export(run_dir) for name, run_dir in runs.items()}

@@ -2,21 +2,22 @@
 
 Each run trains 8 steps and saves checkpoints global_step4 and global_step8 with the
 trainer's own DeepSpeed config and optimizer; 2-rank runs go through the deepspeed launcher.
-Tests call `cached_run_dirs(root)` to share one build between test modules.
+Test files get the standard runs from the session fixture `runs` (tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from train_helpers import ROOT, check, run_deepspeed, run_single, tiny_overrides, write_corpus
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project, also when run as a script
 
-from data.tokenizer import EOS_TOKEN as EOT
-from launcher.distributed import free_port
+from data.tokenizer import EOS_TOKEN as EOT  # noqa: E402
+from launcher.distributed import free_port  # noqa: E402
+from tests.train_helpers import ROOT, check, run_deepspeed, run_single, tiny_overrides, write_corpus  # noqa: E402
 
-__all__ = ["BF16_SPECS", "EOT", "ROOT", "RunSpec", "STANDARD_SPECS", "cached_run_dirs"]
+__all__ = ["BF16_SPECS", "EOT", "ROOT", "RunSpec", "STANDARD_SPECS", "make_run_dirs"]
 
 
 @dataclass
@@ -24,7 +25,7 @@ class RunSpec:
     """One run directory to build."""
 
     name: str
-    precondition: str = "qkv"
+    precondition: str = "qk"
     zero_stage: int = 0
     tie_embeddings: bool = True
     ranks: int = 1
@@ -56,7 +57,7 @@ def make_run_dirs(root: Path, specs: list[RunSpec]) -> dict[str, Path]:
     return {s.name: root / s.name for s in specs}
 
 
-# The run directories the export and generate tests share (built once per pytest session).
+# The run directories the export and generate tests share (conftest.py's `runs`).
 STANDARD_SPECS = [
     RunSpec("none", precondition="none", zero_stage=0),
     RunSpec("qk", precondition="qk", zero_stage=1),
@@ -65,19 +66,9 @@ STANDARD_SPECS = [
 ]
 
 
-# bf16 mode at the stages whose fp32 master weights sit in different places (see launcher/hf/checkpoint.py)
+# bf16 mode at the stages whose fp32 master weights sit in different places (see export/consolidate.py)
 BF16_SPECS = [
     RunSpec("bf16-zero0", zero_stage=0, precision="bf16"),
     RunSpec("bf16-zero1", zero_stage=1, precision="bf16", tie_embeddings=False, ranks=2),
     RunSpec("bf16-zero3", zero_stage=3, precision="bf16", ranks=2),
 ]
-
-
-def cached_run_dirs(root: Path, specs: list[RunSpec] = STANDARD_SPECS) -> dict[str, Path]:
-    """make_run_dirs, unless `root` already holds these runs (so test modules can share them)."""
-    done = root / "specs.json"
-    payload = json.dumps([asdict(s) for s in specs])
-    if not (done.is_file() and done.read_text() == payload):
-        make_run_dirs(root, specs)
-        done.write_text(payload)
-    return {s.name: root / s.name for s in specs}

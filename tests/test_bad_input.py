@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from data.config import ConfigError, run_main
-from launcher.config import load_run_config
+from core.cli import run_main
+from core.errors import ConfigError
+from run.config import load_run_config
 from tests.train_helpers import ROOT, check, env, run_single, snapshot, tiny_overrides, write_corpus
 
 ENV = env(HF_HUB_OFFLINE=1)
@@ -68,10 +69,10 @@ def run_of_another_model(case: Path, base: Path) -> None:
 
 # ---- the table: id, module, argv, setup, what the one line must contain ------------------------
 CASES = [
-    ("config-is-a-folder", "launcher.config", ["--config", "{case}"], None, ["--config {case}", "is a folder"]),
-    ("config-top-level-list", "launcher.config", ["--config", "{case}/list.yaml"], list_yaml,
+    ("config-is-a-folder", "run.config", ["--config", "{case}"], None, ["--config {case}", "is a folder"]),
+    ("config-top-level-list", "run.config", ["--config", "{case}/list.yaml"], list_yaml,
      ["--config {case}/list.yaml", "mapping"]),
-    ("config-empty-int-override", "launcher.config", ["train.max_steps="], None,
+    ("config-empty-int-override", "run.config", ["train.max_steps="], None,
      ["train.max_steps", "empty value", "int"]),
     ("train-no-config-option", "launcher.train", [], None, ["--config", "required"]),
     ("train-missing-config", "launcher.train", ["--config", "{case}/nope.yaml"], None,

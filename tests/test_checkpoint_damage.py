@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from data.config import ConfigError
+from core.errors import ConfigError
 from launcher import checkpoint
-from tests.train_helpers import check, run_single, snapshot, tiny_overrides, write_corpus
+from run.rundir import RunDir
+from tests.train_helpers import check, run_single, snapshot, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -18,12 +19,11 @@ MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(corpus, tmp_path_factory):
     """A finished single-process run with complete checkpoints at steps 4 and 8."""
-    root = tmp_path_factory.mktemp("damage")
-    glob = write_corpus(root / "corpus")
-    run_dir = root / "run"
-    overrides = tiny_overrides(glob, root / "cache", run_dir)
+    glob, cache = corpus
+    run_dir = tmp_path_factory.mktemp("damage") / "run"
+    overrides = tiny_overrides(glob, cache, run_dir)
     check(run_single(overrides))
     return run_dir, overrides
 
@@ -69,7 +69,7 @@ def test_a_damaged_checkpoint_names_the_file_and_the_tag_to_use(trained, tmp_pat
     ckpts = run_dir / "checkpoints"
     damage(ckpts)
     with pytest.raises(ConfigError) as err:
-        checkpoint.check_resume(ckpts, zero_stage=0)
+        checkpoint.check_resume(RunDir(run_dir), zero_stage=0)
     message = str(err.value)
     assert problem in message and "\n" not in message
     assert f"write {fallback} (the newest complete checkpoint) into {ckpts / 'latest'}" in message
@@ -81,7 +81,7 @@ def test_a_run_with_only_damaged_checkpoints_says_to_start_afresh(trained, tmp_p
     for tag in ("global_step4", "global_step8"):
         (run_dir / "checkpoints" / tag / MODEL_FILE).unlink()
     with pytest.raises(ConfigError, match=r"missing; remove .*latest to start afresh"):
-        checkpoint.check_resume(run_dir / "checkpoints", zero_stage=0)
+        checkpoint.check_resume(RunDir(run_dir), zero_stage=0)
 
 
 @pytest.mark.parametrize(

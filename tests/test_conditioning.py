@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from export import convert
 from kernels import PRECONDITIONERS
-from launcher import conditioning as cond
-from launcher import probe
-from launcher.hf import convert
-from launcher.probe import PROBED
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, probe
+from model.probe import PROBED
+from research import conditioning as cond
 from tests.reference import attention_reference, rms_normalize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +31,8 @@ def tiny_cfg(**kw) -> ModelConfig:
 
 
 def test_probe_module_imports_no_transformers():
-    names = "sorted(m for m in sys.modules if m.startswith(('transformers', 'launcher.hf')))"
-    code = f"import sys, launcher.probe; print({names})"
+    names = "sorted(m for m in sys.modules if m.startswith(('transformers', 'export')))"
+    code = f"import sys, model.probe; print({names})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
 
@@ -169,7 +168,7 @@ def test_report_writes_inf_as_a_string(tmp_path):
 def _fake_run_dir(tmp_path: Path, model: Transformer, seed: int) -> Path:
     """A run dir as launcher.train leaves it at ZeRO-0 fp32: config.yaml, checkpoints/latest."""
     from data.config import DataConfig
-    from launcher.config import RunConfig, TrainConfig, save_run_config
+    from run.config import RunConfig, TrainConfig, save_run_config
 
     run = tmp_path / "run"
     (run / "checkpoints" / "global_step5").mkdir(parents=True)
@@ -233,7 +232,7 @@ def test_hf_export_round_trip_and_text_windows(tmp_path, precondition):
 # ---- the in-training probe ----------------------------------------------------------------
 @pytest.mark.slow
 def test_in_training_probe_does_not_change_training(tmp_path):
-    from launcher.experiment import logged_conditioning, read_rows
+    from research.experiment import logged_conditioning, read_rows
     from tests.train_helpers import check, run_single, tiny_overrides, train_losses, write_corpus
 
     glob = write_corpus(tmp_path / "corpus")

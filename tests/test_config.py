@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data.config import ConfigError
-from launcher.config import RunConfig, load_run_config
+from core.errors import ConfigError
+from run.config import RunConfig, load_run_config
 from tests.train_helpers import ROOT
 
 CONTRACT_KEYS = {
@@ -89,7 +89,7 @@ def test_missing_and_broken_files(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    from launcher.config import save_run_config
+    from run.config import save_run_config
 
     cfg = load_run_config(None, ["model.precondition=row", "train.max_steps=7"])
     save_run_config(cfg, tmp_path / "config.yaml")
@@ -98,8 +98,8 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_help_lists_every_key_with_its_field_docstring():
-    from data.config import config_help, field_docs
-    from launcher.config import SECTIONS
+    from core.config import config_help, field_docs
+    from run.config import SECTIONS
 
     text = config_help(SECTIONS)
     for section, cls in SECTIONS.items():

@@ -12,8 +12,8 @@ import yaml
 from fixtures.data_corpora import data_cfg, make_docs, split_eos, write_jsonl, write_text
 from tokenizers import Tokenizer
 
+from core.cli import run_main
 from data import TokenStream, prepare_data
-from data.config import run_main
 from data.prepare import main
 
 

@@ -11,19 +11,13 @@ from pathlib import Path
 import pytest
 
 from launcher.distributed import free_port
-from tests.train_helpers import check, run_deepspeed, run_single, snapshot, tiny_overrides, train_losses, write_corpus
+from tests.train_helpers import check, run_deepspeed, run_single, snapshot, tiny_overrides, train_losses
 
 pytestmark = pytest.mark.slow
 
 # The data pipelines under test: only these two dicts name them.
 ELASTIC = {"data.loader": "shards"}  # one state, (epoch, position), for every rank and world size
 STREAMED = {"data.loader": "stream"}  # each rank streams its own share of the documents
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("elastic")
-    return write_corpus(root / "corpus"), root / "cache"
 
 
 def overrides(corpus, run_dir: Path, stage: int, loader: dict = ELASTIC, **extra) -> list[str]:
@@ -104,7 +98,7 @@ def test_a_streamed_run_on_another_world_size_is_refused_before_anything_changes
     """A run whose data state belongs to the rank that streamed it: one line, exit 2, the run
     dir untouched. (The 2-rank run, relabelled as streamed in its config.yaml: the refusal comes
     before anything is loaded, so only the recorded world size and this run's loader count.)"""
-    from launcher.config import load_run_config, save_run_config
+    from run.config import load_run_config, save_run_config
 
     run_dir = tmp_path / "run"
     shutil.copytree(zero2_two_ranks, run_dir)
@@ -136,14 +130,16 @@ def test_zero3_from_one_rank_resumes_on_two_ranks_exactly(corpus, tmp_path):
 
 def test_pruning_removes_a_checkpoints_universal_copy_with_it(tmp_path):
     from launcher import checkpoint
+    from run.rundir import RunDir
 
+    run = RunDir(tmp_path)
     for name in ("global_step2", "global_step2_universal", "global_step2_universal.tmp", "global_step4"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "global_step6_universal").mkdir()
-    (tmp_path / "global_step6").mkdir()
-    (tmp_path / "latest").write_text("global_step6")
-    checkpoint.prune(tmp_path, keep_last=2)
-    kept = sorted(p.name for p in tmp_path.iterdir())
+        run.checkpoint(name).mkdir(parents=True)
+    run.checkpoint("global_step6_universal").mkdir()
+    run.checkpoint("global_step6").mkdir()
+    run.set_latest("global_step6")
+    checkpoint.prune(run, keep_last=2)
+    kept = sorted(p.name for p in run.checkpoints.iterdir())
     assert kept == ["global_step4", "global_step6", "global_step6_universal", "latest"]
 
 

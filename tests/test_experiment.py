@@ -10,47 +10,65 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from launcher import experiment
-from launcher import experiment_report as rep
-from launcher.probe import PROBED
 from model.config import ModelConfig
-from tests.train_helpers import ROOT, tiny_overrides, write_corpus
+from model.probe import PROBED
+from research import experiment
+from research import report as rep
+from tests.train_helpers import ROOT, tiny_overrides
 
 PNG = b"\x89PNG\r\n\x1a\n"
+EVALS = [(100, 5.0), (200, 4.0), (300, 3.0)]  # (tokens, val loss)
 
 
-def test_statistics_on_known_curves():
-    evals = [(100, 5.0), (200, 4.0), (300, 3.0)]
-    assert rep.val_at(evals, 150) == pytest.approx(4.5) and rep.val_at(evals, 100) == 5.0
-    assert rep.val_at(evals, 400) is None
-    assert rep.tokens_to_reach(evals, 3.5) == pytest.approx(250.0)
-    assert rep.tokens_to_reach(evals, 5.5) == 100.0 and rep.tokens_to_reach(evals, 2.0) is None
-    s = rep.summary([1.0, 2.0, 3.0, None])
-    assert (s["mean"], s["sd"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 1.0, 3.0, 3)
-    assert rep.summary([4.0])["sd"] is None and "n=1" in rep.fmt_summary(rep.summary([4.0]))
-    assert rep.median([1.0, math.inf, math.inf]) == math.inf
-    assert rep.jsonable({"a": [math.inf, (1, 2.5)]}) == {"a": ["inf", [1, 2.5]]}
+@pytest.mark.parametrize(
+    "compute, expected",
+    [
+        pytest.param(lambda: rep.val_at(EVALS, 150), pytest.approx(4.5), id="val_at-between-evals"),
+        pytest.param(lambda: rep.val_at(EVALS, 100), 5.0, id="val_at-an-eval"),
+        pytest.param(lambda: rep.val_at(EVALS, 400), None, id="val_at-past-the-last-eval"),
+        pytest.param(lambda: rep.tokens_to_reach(EVALS, 3.5), pytest.approx(250.0), id="tokens_to_reach-between"),
+        pytest.param(lambda: rep.tokens_to_reach(EVALS, 5.5), 100.0, id="tokens_to_reach-at-the-first-eval"),
+        pytest.param(lambda: rep.tokens_to_reach(EVALS, 2.0), None, id="tokens_to_reach-never"),
+        pytest.param(
+            lambda: {k: rep.summary([1.0, 2.0, 3.0, None])[k] for k in ("mean", "sd", "min", "max", "n")},
+            {"mean": 2.0, "sd": 1.0, "min": 1.0, "max": 3.0, "n": 3},
+            id="summary-leaves-out-None",
+        ),
+        pytest.param(lambda: rep.summary([4.0])["sd"], None, id="summary-of-one-has-no-sd"),
+        pytest.param(lambda: "n=1" in rep.fmt_summary(rep.summary([4.0])), True, id="fmt_summary-says-n"),
+        pytest.param(lambda: rep.median([1.0, math.inf, math.inf]), math.inf, id="median-with-infinities"),
+        pytest.param(lambda: rep.jsonable({"a": [math.inf, (1, 2.5)]}), {"a": ["inf", [1, 2.5]]}, id="jsonable"),
+    ],
+)
+def test_statistics_on_known_curves(compute, expected):
+    assert compute() == expected
 
 
-def test_verdict_separates_signal_from_noise():
-    args = SimpleNamespace(seeds=[1, 2, 3], variants=["none", "qkv"])
+DEFAULT = ModelConfig().precondition  # the verdict weighs the shipped default against the best
+
+
+@pytest.mark.parametrize(
+    "other, base, spread, expected",
+    [
+        ("qkv", 2.5, 0.01, ["`qkv` vs `none`: 0.5000 lower", "larger than 2 SE"]),
+        ("qkv", 2.95, 0.3, ["not distinguishable from seed noise", "seeds per variant"]),
+        (DEFAULT, 3.5, 0.01, [f"- Default (`{DEFAULT}`) versus the best here: `none` vs `{DEFAULT}`: 0.5000 lower"]),
+    ],
+    ids=["clear-signal", "seed-noise", "default-worse-than-none"],
+)
+def test_verdict_separates_signal_from_noise(other, base, spread, expected):
+    """`none` ends at 3.0 + spread * seed over seeds 1-3; `other` at base + spread * seed."""
+    args = SimpleNamespace(seeds=[1, 2, 3], variants=["none", other])
     layer = {n: 10.0 for n in PROBED}
 
     def run(final):
         return {"evals": [(10, 6.0), (20, final)], "cond_after": [layer], "cond_before": [layer]}
 
-    clear = {("none", s): run(3.0 + 0.01 * s) for s in (1, 2, 3)} | {("qkv", s): run(2.5 + 0.01 * s) for s in (1, 2, 3)}
-    text = "\n".join(rep.verdict(args, clear))
-    assert "`qkv` vs `none`: 0.5000 lower" in text and "larger than 2 SE" in text
-    noisy = {("none", s): run(3.0 + 0.3 * s) for s in (1, 2, 3)} | {("qkv", s): run(2.95 + 0.3 * s) for s in (1, 2, 3)}
-    text = "\n".join(rep.verdict(args, noisy))
-    assert "not distinguishable from seed noise" in text and "seeds per variant" in text
-    default = ModelConfig().precondition  # the verdict weighs the shipped default against the best
-    args.variants = ["none", default]
-    worse = {("none", s): run(3.0 + 0.01 * s) for s in (1, 2, 3)}
-    worse |= {(default, s): run(3.5 + 0.01 * s) for s in (1, 2, 3)}
-    text = "\n".join(rep.verdict(args, worse))
-    assert f"- Default (`{default}`) versus the best here: `none` vs `{default}`: 0.5000 lower" in text
+    results = {("none", s): run(3.0 + spread * s) for s in (1, 2, 3)}
+    results |= {(other, s): run(base + spread * s) for s in (1, 2, 3)}
+    text = "\n".join(rep.verdict(args, results))
+    for line in expected:
+        assert line in text
 
 
 def test_loss_table_gives_the_spread_of_tokens_to_target():
@@ -69,45 +87,49 @@ def test_loss_table_gives_the_spread_of_tokens_to_target():
 
 
 @pytest.mark.slow
-def test_experiment_runs_and_reports(tmp_path, capsys):
-    glob = write_corpus(tmp_path / "corpus")
-    over = tiny_overrides(glob, tmp_path / "cache", tmp_path / "unused", **{"train.save_interval": 8})
+def test_experiment_runs_and_reports(corpus, tmp_path, capsys, subtests):
+    """Three passes over one experiment, each a subtest: the runs and their report, a second
+    pass that skips the finished runs, and --report-only while a run is unfinished."""
+    glob, cache = corpus
+    over = tiny_overrides(glob, cache, tmp_path / "unused", **{"train.save_interval": 8})
     argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--name", "smoke", "--seeds", "3", "--variants", "none,qkv"]
     argv += ["--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "docs"), "--probe-batch", "2", *over]
     argv += ["--variant-set", "qkv:train.lr=0.002"]
-    assert experiment.main(argv) == 0
     out = tmp_path / "docs" / "smoke"
-    readme = (out / "README.md").read_text()
-    assert "- `qkv` alone: `train.lr=0.002`" in readme and "lr per variant" in readme
-    lrs = {
-        v: yaml.safe_load((tmp_path / "runs" / "smoke" / f"{v}-seed3" / "config.yaml").read_text())
-        for v in ("none", "qkv")
-    }
-    assert lrs["qkv"]["train"]["lr"] == 0.002 and lrs["none"]["train"]["lr"] != 0.002
-    assert "| `none` |" in readme and "| `qkv` |" in readme and "final val loss" in readme
-    assert "O before" in readme and "## What this shows" in readme
-    for png in ("val_loss.png", "conditioning.png"):
-        assert (out / png).read_bytes()[:8] == PNG
-    results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"none-seed3", "qkv-seed3"}
-    run = results["qkv-seed3"]
-    assert [t for t, _ in run["evals"]] == [128, 256] and len(run["cond_after"]) == 2
-    assert len(run["cond_before"]) == 2 and set(run["cond_after"][0]) == set(PROBED)
-    # same seed, same init: the plain-attention numbers before training agree across variants
-    assert results["none-seed3"]["cond_before"][0]["O"] == pytest.approx(run["cond_before"][0]["O_plain"])
-    capsys.readouterr()
-    assert experiment.main(argv) == 0  # resumable: finished runs are skipped
-    assert capsys.readouterr().out.count("already finished") == 2
-    # --report-only while a run is still training: it is left out, counted, and not probed
-    qkv_run = tmp_path / "runs" / "smoke" / "qkv-seed3"
-    (qkv_run / "checkpoints" / "latest").write_text("global_step4")  # cut short before step 8
-    (qkv_run / "cond_after.json").unlink()
-    assert experiment.main([*argv, "--report-only"]) == 0
-    readme = (out / "README.md").read_text()
-    assert "--report-only" not in readme and "--variant-set qkv:train.lr=0.002" in readme
-    assert "**Partial: 1 of 2 runs finished**" in readme and "| `none` |" in readme and "| `qkv` |" not in readme
-    assert set(json.loads((out / "results.json").read_text())) == {"none-seed3"}
-    assert not (qkv_run / "cond_after.json").exists()
+    with subtests.test("first pass: runs and report"):
+        assert experiment.main(argv) == 0
+        readme = (out / "README.md").read_text()
+        assert "- `qkv` alone: `train.lr=0.002`" in readme and "lr per variant" in readme
+        lrs = {
+            v: yaml.safe_load((tmp_path / "runs" / "smoke" / f"{v}-seed3" / "config.yaml").read_text())
+            for v in ("none", "qkv")
+        }
+        assert lrs["qkv"]["train"]["lr"] == 0.002 and lrs["none"]["train"]["lr"] != 0.002
+        assert "| `none` |" in readme and "| `qkv` |" in readme and "final val loss" in readme
+        assert "O before" in readme and "## What this shows" in readme
+        for png in ("val_loss.png", "conditioning.png"):
+            assert (out / png).read_bytes()[:8] == PNG, png
+        results = json.loads((out / "results.json").read_text())
+        assert set(results) == {"none-seed3", "qkv-seed3"}
+        run = results["qkv-seed3"]
+        assert [t for t, _ in run["evals"]] == [128, 256] and len(run["cond_after"]) == 2
+        assert len(run["cond_before"]) == 2 and set(run["cond_after"][0]) == set(PROBED)
+        # same seed, same init: the plain-attention numbers before training agree across variants
+        assert results["none-seed3"]["cond_before"][0]["O"] == pytest.approx(run["cond_before"][0]["O_plain"])
+    with subtests.test("second pass: finished runs are skipped"):
+        capsys.readouterr()
+        assert experiment.main(argv) == 0
+        assert capsys.readouterr().out.count("already finished") == 2
+    with subtests.test("--report-only while a run is still training: left out, counted, not probed"):
+        qkv_run = tmp_path / "runs" / "smoke" / "qkv-seed3"
+        (qkv_run / "checkpoints" / "latest").write_text("global_step4")  # cut short before step 8
+        (qkv_run / "cond_after.json").unlink()
+        assert experiment.main([*argv, "--report-only"]) == 0
+        readme = (out / "README.md").read_text()
+        assert "--report-only" not in readme and "--variant-set qkv:train.lr=0.002" in readme
+        assert "**Partial: 1 of 2 runs finished**" in readme and "| `none` |" in readme and "| `qkv` |" not in readme
+        assert set(json.loads((out / "results.json").read_text())) == {"none-seed3"}
+        assert not (qkv_run / "cond_after.json").exists()
 
 
 def test_bad_variant_is_a_one_line_error(capsys):
@@ -117,16 +139,31 @@ def test_bad_variant_is_a_one_line_error(capsys):
     assert "bogus" in err and len(err.strip().splitlines()) == 1
 
 
-def test_sweep_marks_divergence_and_finds_the_best_point():
-    def run(*losses, failed=False):
-        return {"evals": [(10 * i, x) for i, x in enumerate(losses, 1)], "failed": failed}
+def sweep_run(*losses, failed=False) -> dict:
+    """A run's result: its val losses, evaluated every 10 tokens."""
+    return {"evals": [(10 * i, x) for i, x in enumerate(losses, 1)], "failed": failed}
 
-    assert rep.diverged(run(6.0, math.nan)) and rep.diverged(run(6.0, 6.5)) and rep.diverged(run())
-    assert rep.diverged(run(6.0, 5.0, failed=True)) and not rep.diverged(run(6.0, 5.0))
+
+@pytest.mark.parametrize(
+    "result, diverged",
+    [
+        (sweep_run(6.0, math.nan), True),
+        (sweep_run(6.0, 6.5), True),
+        (sweep_run(), True),
+        (sweep_run(6.0, 5.0, failed=True), True),
+        (sweep_run(6.0, 5.0), False),
+    ],
+    ids=["nan-loss", "loss-rose", "no-evals", "failed-run", "loss-fell"],
+)
+def test_sweep_marks_divergence(result, diverged):
+    assert rep.diverged(result) == diverged
+
+
+def test_sweep_finds_the_best_point():
     points = [{"name": f"lr={lr}", "values": {"train.lr": lr}} for lr in (1e-4, 1e-3, 3e-3, 1e-2)]
     args = SimpleNamespace(seeds=[1, 2], variants=["qkv"], points=points)
     finals = {"lr=0.0001": (5.5, 5.7), "lr=0.001": (5.0, 5.1), "lr=0.003": (5.1, 5.12), "lr=0.01": (5.0, 7.0)}
-    results = {(p, "qkv", s): run(6.0, x) for p, xs in finals.items() for s, x in zip((1, 2), xs, strict=True)}
+    results = {(p, "qkv", s): sweep_run(6.0, x) for p, xs in finals.items() for s, x in zip((1, 2), xs, strict=True)}
     table = rep.point_finals(args, results)["qkv"]
     assert table["lr=0.01"]["diverged"] == 1 and table["lr=0.01"]["n"] == 1
     assert rep.best_point(table) == "lr=0.001" and table["lr=0.001"]["mean"] == pytest.approx(5.05)
@@ -205,37 +242,41 @@ def test_sweep_sensitivity_and_tokens_to_target():
 
 
 @pytest.mark.slow
-def test_sweep_runs_and_reports(tmp_path, capsys):
-    glob = write_corpus(tmp_path / "corpus")
+def test_sweep_runs_and_reports(corpus, tmp_path, capsys, subtests):
+    """Three passes over one sweep, each a subtest: the runs (two at once) and their report, a
+    second pass that skips the finished runs, and --report-only after a run failed."""
+    glob, cache = corpus
     extra = {"train.max_steps": 2, "train.eval_interval": 1, "train.save_interval": 2, "train.warmup_steps": 1}
-    over = tiny_overrides(glob, tmp_path / "cache", tmp_path / "unused", **extra)
+    over = tiny_overrides(glob, cache, tmp_path / "unused", **extra)
     argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--name", "sw", "--seeds", "1", "--variants", "none,qkv"]
     argv += ["--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "docs"), "--probe-batch", "2"]
     argv += ["--conditioning-interval", "0", "--sweep", "train.lr=1e-3,3e-3", "--jobs", "2", *over]
-    assert experiment.main(argv) == 0
-    for point in ("lr=0.001", "lr=0.003"):
-        for v in ("none", "qkv"):
-            assert (tmp_path / "runs" / "sw" / point / f"{v}-seed1" / "metrics.jsonl").is_file()
     out = tmp_path / "docs" / "sw"
-    results = json.loads((out / "results.json").read_text())
-    assert set(results) == {f"{p}/{v}-seed1" for p in ("lr=0.001", "lr=0.003") for v in ("none", "qkv")}
-    readme = (out / "README.md").read_text()
-    assert "| `lr=0.001` |" in readme and "| `lr=0.003` |" in readme
-    assert "| point | `none` | `qkv` |" in readme and "| `qkv` | `lr=0.00" in readme
-    assert "## Tokens to `none`'s best loss" in readme and "LR sensitivity" in readme
-    for png in ("sweep.png", "best_curves.png"):
-        assert (out / png).read_bytes()[:8] == PNG
-    # two runs at once, each on its share of the cores
-    threads = yaml.safe_load((tmp_path / "runs" / "sw" / "lr=0.001" / "none-seed1" / "config.yaml").read_text())
-    assert threads["train"]["threads"] == max(1, (os.cpu_count() or 1) // 2)
-    capsys.readouterr()
-    assert experiment.main(argv) == 0  # resumable: finished runs are skipped
-    assert capsys.readouterr().out.count("already finished") == 4
-    # a failed run is marked on disk, and a report-only pass counts it as diverged
-    (tmp_path / "runs" / "sw" / "lr=0.003" / "qkv-seed1" / experiment.FAILED).write_text("training failed\n")
-    assert experiment.main([*argv, "--report-only"]) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert results["lr=0.003/qkv-seed1"]["failed"] and not results["lr=0.001/qkv-seed1"]["failed"]
+    with subtests.test("first pass: runs and report"):
+        assert experiment.main(argv) == 0
+        for point in ("lr=0.001", "lr=0.003"):
+            for v in ("none", "qkv"):
+                assert (tmp_path / "runs" / "sw" / point / f"{v}-seed1" / "metrics.jsonl").is_file(), (point, v)
+        results = json.loads((out / "results.json").read_text())
+        assert set(results) == {f"{p}/{v}-seed1" for p in ("lr=0.001", "lr=0.003") for v in ("none", "qkv")}
+        readme = (out / "README.md").read_text()
+        assert "| `lr=0.001` |" in readme and "| `lr=0.003` |" in readme
+        assert "| point | `none` | `qkv` |" in readme and "| `qkv` | `lr=0.00" in readme
+        assert "## Tokens to `none`'s best loss" in readme and "LR sensitivity" in readme
+        for png in ("sweep.png", "best_curves.png"):
+            assert (out / png).read_bytes()[:8] == PNG, png
+        # two runs at once, each on its share of the cores
+        threads = yaml.safe_load((tmp_path / "runs" / "sw" / "lr=0.001" / "none-seed1" / "config.yaml").read_text())
+        assert threads["train"]["threads"] == max(1, (os.cpu_count() or 1) // 2)
+    with subtests.test("second pass: finished runs are skipped"):
+        capsys.readouterr()
+        assert experiment.main(argv) == 0
+        assert capsys.readouterr().out.count("already finished") == 4
+    with subtests.test("--report-only after a run failed: marked on disk, counted as diverged"):
+        (tmp_path / "runs" / "sw" / "lr=0.003" / "qkv-seed1" / experiment.FAILED).write_text("training failed\n")
+        assert experiment.main([*argv, "--report-only"]) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["lr=0.003/qkv-seed1"]["failed"] and not results["lr=0.001/qkv-seed1"]["failed"]
 
 
 @pytest.mark.parametrize(
@@ -247,6 +288,7 @@ def test_sweep_runs_and_reports(tmp_path, capsys):
         ("train.lr=abc,1e-3", "train.lr"),
         ("model.precondition=none,qkv", "--variants"),
     ],
+    ids=["unknown-key", "no-section", "no-values", "bad-value", "variants-by-sweep"],
 )
 def test_bad_sweep_is_a_one_line_error(capsys, spec, words):
     argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--sweep", spec]
@@ -264,6 +306,7 @@ def test_bad_sweep_is_a_one_line_error(capsys, spec, words):
         (["--variant-set", "qk:train.lr=-1"], "train.lr"),
         (["--jobs", "0"], "--jobs"),
     ],
+    ids=["no-setting", "unknown-variant", "seed-is-the-experiments", "bad-value", "no-jobs"],
 )
 def test_bad_variant_set_or_jobs_is_a_one_line_error(capsys, extra, words):
     argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--variants", "none,qk,qkv", *extra]

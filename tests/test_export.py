@@ -14,24 +14,23 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from ds_run_fixture import BF16_SPECS, EOT, ROOT, cached_run_dirs
 from safetensors.torch import load_file
 
+from core.cli import run_main
 from data import prepare_data, validation_windows
-from data.config import run_main
-from launcher import export_hf
-from launcher.config import load_run_config
-from launcher.hf.checkpoint import consolidate, resolve_tag
-from launcher.metrics import read_metrics
+from export import cli as export_hf
+from export.consolidate import consolidate, resolve_tag
 from model import Transformer
+from run.config import load_run_config
+from run.rundir import read_metrics
+from tests.ds_run_fixture import BF16_SPECS, EOT, ROOT, make_run_dirs
+from tests.train_helpers import fresh_process_env
 
 ATOL = 1e-4
 FP32_RUNS = ["none", "qk", "qkv", "row"]
@@ -44,29 +43,15 @@ EXPECTED_CLASS = {
 NON_ASCII = "Ça, c'est déjà l'été: naïve façade, Übermaß, 東京, Ελληνικά, emoji 🙂.\n  Grüße, Ω≈ç√ — ¿qué?"
 
 
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    return cached_run_dirs(tmp_path_factory.getbasetemp() / "ds_runs")
+# `runs` (the fp32 runs FP32_RUNS) and `exports` (each exported to RUN_DIR/hf) come from conftest.py.
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def bf16_runs(tmp_path_factory) -> dict[str, Path]:
-    return cached_run_dirs(tmp_path_factory.getbasetemp() / "ds_runs_bf16", BF16_SPECS)
+    return make_run_dirs(tmp_path_factory.mktemp("ds_runs_bf16"), BF16_SPECS)
 
 
-@pytest.fixture(scope="session")
-def exports(runs) -> dict[str, Path]:
-    """Each fp32 run exported to its default folder, RUN_DIR/hf."""
-    return {name: export_hf.export(runs[name]) for name in FP32_RUNS}
-
-
-def fresh_process_env(tmp: Path) -> dict:
-    """Offline, an empty HF home, and nothing of the project importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "PYTHONPATH"))}
-    return {**env, "HF_HOME": str(tmp / "hf_home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def loaded(runs, exports, tmp_path_factory) -> dict[str, dict]:
     """What every export computes when loaded by AutoModelForCausalLM in one fresh process."""
     tmp = tmp_path_factory.mktemp("fresh")
@@ -208,11 +193,10 @@ def test_autotokenizer_loads_a_remote_export_without_trust_remote_code(runs, exp
     from tokenizers import Tokenizer
 
     eot = Tokenizer.from_file(str(runs["qkv"] / "tokenizer.json")).token_to_id(EOT)
-    start = time.monotonic()
-    proc = run_fresh(TOKENIZER_CHECK, exports["qkv"], tmp_path)
+    proc = run_fresh(TOKENIZER_CHECK, exports["qkv"], tmp_path)  # stdin closed: a prompt would fail, not wait
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.endswith(f"eos {eot} to be\n")
-    assert "custom code" not in proc.stdout + proc.stderr and time.monotonic() - start < 60
+    assert "custom code" not in proc.stdout + proc.stderr  # no trust_remote_code question was asked
 
 
 def test_export_folder_contents(runs, exports):
@@ -256,7 +240,7 @@ def test_stock_architectures_built_from_the_same_tensors(runs, exports):
 
 def test_tolerance_detects_a_wrong_eps(runs, exports):
     """Loading the qkv export with norm_eps as its precondition_eps moves logits far beyond ATOL."""
-    from launcher.hf.modeling_precond_llama import PrecondLlamaConfig, PrecondLlamaForCausalLM
+    from export.modeling_precond_llama import PrecondLlamaConfig, PrecondLlamaForCausalLM
 
     config = PrecondLlamaConfig.from_pretrained(exports["qkv"])
     config.precondition_eps = config.rms_norm_eps

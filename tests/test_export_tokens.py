@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_export import fresh_process_env
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from train_helpers import ROOT, check, env, run_single, tiny_overrides, write_corpus
+
+from tests.train_helpers import ROOT, check, env, fresh_process_env, run_single, tiny_overrides
 
 # <|pad|> first and </s> last, so that neither id is a transformers default (Llama: bos 1, eos 2)
 SPECIAL = ["<|pad|>", "<unk>", "<mask>", "</s>"]
@@ -54,20 +54,20 @@ def export(run_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Tokenizer]:
+def trained(corpus, tmp_path_factory) -> tuple[Path, Tokenizer]:
     """A tiny qkv run trained on the </s> tokenizer by launcher.train."""
+    glob, cache = corpus
     tmp = tmp_path_factory.mktemp("eos_run")
-    corpus = write_corpus(tmp / "corpus")
-    tok = train_eos_tokenizer(corpus, tmp / "tok" / "tokenizer.json")
+    tok = train_eos_tokenizer(glob, tmp / "tok" / "tokenizer.json")
     extra = {"data.tokenizer": str(tmp / "tok" / "tokenizer.json"), "model.precondition": "qkv"}
-    check(run_single(tiny_overrides(corpus, tmp / "cache", tmp / "run", **extra)))
+    check(run_single(tiny_overrides(glob, cache, tmp / "run", **extra)))
     return tmp / "run", tok
 
 
-def test_run_dir_keeps_the_prepared_tokenizer_folder(trained):
+def test_run_dir_keeps_the_prepared_tokenizer_folder(corpus, trained):
     run_dir, _ = trained
     kept = run_dir / "tokenizer"
-    prepared = next((run_dir.parent / "cache" / "tokenizers").glob("*/tokenizer_config.json")).parent
+    prepared = next((corpus[1] / "tokenizers").glob("*/tokenizer_config.json")).parent
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (kept / name).read_bytes() == (prepared / name).read_bytes(), name
     assert (run_dir / "tokenizer.json").read_bytes() == (prepared / "tokenizer.json").read_bytes()

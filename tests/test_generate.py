@@ -10,27 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from ds_run_fixture import EOT, ROOT, cached_run_dirs
 from tokenizers import Tokenizer
 
-from data.config import run_main
-from launcher import export_hf, generate
-from launcher.config import load_run_config
-from launcher.hf.checkpoint import consolidate, resolve_tag
-from launcher.hf.files import is_export
+from core.cli import run_main
+from export import generate
+from export.consolidate import consolidate, resolve_tag
 from model import Transformer
+from run.config import load_run_config
+from tests.ds_run_fixture import EOT, ROOT
 
 PROMPT = "To be, or not"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    return cached_run_dirs(tmp_path_factory.getbasetemp() / "ds_runs")
-
-
-def exported(run_dir: Path) -> Path:
-    """RUN_DIR/hf, exported unless another test module already did."""
-    return run_dir / "hf" if is_export(run_dir / "hf") else export_hf.export(run_dir)
+# `runs` and `exports` (RUN_DIR/hf of each) come from conftest.py.
 
 
 def native_continuation(run_dir: Path, n: int) -> list[int]:
@@ -52,14 +44,14 @@ def native_continuation(run_dir: Path, n: int) -> list[int]:
     return new[: new.index(eot) + 1] if eot in new else new  # generate stops at eos
 
 
-def test_greedy_matches_our_model(runs):
-    model, tokenizer = generate.load(exported(runs["none"]))
+def test_greedy_matches_our_model(runs, exports):
+    model, tokenizer = generate.load(exports["none"])
     got = generate.generate_ids(model, tokenizer, PROMPT, generate.Sampling(max_new_tokens=8, temperature=0))
     assert got == native_continuation(runs["none"], 8)
 
 
-def test_sampling_is_seeded_and_top_k_1_is_greedy(runs):
-    model, tokenizer = generate.load(exported(runs["none"]))
+def test_sampling_is_seeded_and_top_k_1_is_greedy(exports):
+    model, tokenizer = generate.load(exports["none"])
 
     def sample(**kw):
         return generate.generate_ids(model, tokenizer, PROMPT, generate.Sampling(max_new_tokens=12, **kw))
@@ -70,8 +62,8 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(runs):
     assert len(draws) > 1  # sampling really samples
 
 
-def test_cli_with_remote_code_in_a_fresh_process(runs, tmp_path):
-    folder = exported(runs["qkv"])
+def test_cli_with_remote_code_in_a_fresh_process(runs, exports, tmp_path):
+    folder = exports["qkv"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     argv = ["--model", str(folder), "--prompt", PROMPT, "--max-new-tokens", "6", "--temperature", "0"]
@@ -95,8 +87,8 @@ def test_cli_with_remote_code_in_a_fresh_process(runs, tmp_path):
         (["--prompt", "x" * 200], "--prompt"),
     ],
 )
-def test_bad_arguments_are_one_line_errors(extra, message, runs, capsys):
-    argv = ["--model", str(exported(runs["none"])), "--prompt", PROMPT, *extra]
+def test_bad_arguments_are_one_line_errors(extra, message, exports, capsys):
+    argv = ["--model", str(exports["none"]), "--prompt", PROMPT, *extra]
     assert run_main(generate.main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err

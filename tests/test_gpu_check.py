@@ -84,16 +84,17 @@ def test_a_run_that_fails_or_hangs_is_its_own_row(tmp_path):
     log = tmp_path / "run.log"
     ok, note, _ = train_backends.run_logged([sys.executable, "-c", "raise SystemExit('error: no GPU here')"], log, 30)
     assert not ok and note == "error: exit 1: error: no GPU here"
-    ok, note, seconds = train_backends.run_logged([sys.executable, "-c", "import time; time.sleep(30)"], log, 1)
-    assert not ok and note == "error: timed out after 1 s" and seconds < 20
+    ok, note, _ = train_backends.run_logged([sys.executable, "-c", "import time; time.sleep(30)"], log, 1)
+    assert not ok and note == "error: timed out after 1 s"  # without the timeout it would end ok
 
 
 def test_a_run_ends_once_its_last_row_is_written(tmp_path):
-    """The final evaluation and save after the last metrics row measure nothing: the run is ended."""
+    """The final evaluation and save after the last metrics row measure nothing: the run is ended.
+    The child would outlive the 60 s limit, so only `done` can make the run a success."""
     done = tmp_path / "metrics.jsonl"
-    code = f"import pathlib, time; pathlib.Path({str(done)!r}).write_text('x'); time.sleep(60)"
-    ok, note, seconds = train_backends.run_logged([sys.executable, "-c", code], tmp_path / "run.log", 60, done.exists)
-    assert ok and note == "" and seconds < 20
+    code = f"import pathlib, time; pathlib.Path({str(done)!r}).write_text('x'); time.sleep(600)"
+    ok, note, _ = train_backends.run_logged([sys.executable, "-c", code], tmp_path / "run.log", 60, done.exists)
+    assert ok and note == ""
 
 
 def test_a_late_failure_keeps_the_numbers_measured_before_it(tmp_path):

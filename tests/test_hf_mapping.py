@@ -1,4 +1,4 @@
-"""The Hugging Face mapping (launcher.hf.convert) both ways: native -> HF -> native is the
+"""The Hugging Face mapping (export.convert) both ways: native -> HF -> native is the
 identity for the weights and the ModelConfig, for every preconditioner, tied head or not."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.config import ConfigError
+from core.errors import ConfigError
+from export import convert
 from kernels import PRECONDITIONERS
-from launcher.hf import convert
 from model import ModelConfig, Transformer
 
 TOKEN_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
@@ -25,7 +25,7 @@ def odd_cfg(**kw) -> ModelConfig:
 
 
 def round_trip(model: Transformer, tmp_path) -> tuple[dict, ModelConfig, dict]:
-    """Export to files as launcher.export_hf does, read back; returns (HF tensors, config, native)."""
+    """Export to files as export.cli does, read back; returns (HF tensors, config, native)."""
     cfg = model.cfg
     save_file(convert.hf_state_dict(model.state_dict(), cfg, torch.float32), str(tmp_path / "model.safetensors"))
     convert.hf_config(cfg, TOKEN_IDS, torch.float32).save_pretrained(tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from data.config import ConfigError
+from core.errors import ConfigError
 from launcher.distributed import launcher_ranks, slurm_tasks_per_node
 from launcher.hosts import main as hosts_main
 from launcher.hosts import read_hostfile, take_nodes

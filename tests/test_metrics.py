@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from data.config import ConfigError
-from launcher.metrics import read_metrics, truncate_metrics
+from core.errors import ConfigError
+from run.rundir import RunDir, read_metrics
 
 
 def write_rows(path, rows, tail: str = "") -> None:
@@ -31,6 +31,6 @@ def test_resume_truncation_drops_the_torn_line_and_rows_after_the_checkpoint(tmp
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 6.0 - s} for s in range(1, 7)] + [{"step": 4, "val_loss": 3.0}]
     write_rows(path, rows, tail='{"step": 7, "loss": 0.')
-    truncate_metrics(path, after_step=4)
+    RunDir(tmp_path).truncate_metrics(after_step=4)
     assert read_metrics(path) == [r for r in rows if r["step"] <= 4]
-    assert path.read_text().endswith("\n") and not (tmp_path / "metrics.jsonl.tmp").exists()
+    assert path.read_text().endswith("\n") and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]

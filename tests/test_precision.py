@@ -55,7 +55,7 @@ def test_auto_on_a_gpu_follows_its_bf16_support(monkeypatch):
 def test_every_config_asks_for_auto(project_root):
     from pathlib import Path
 
-    from launcher.config import load_run_config
+    from run.config import load_run_config
 
     for path in sorted(Path(project_root, "configs").glob("*.yaml")):
         assert load_run_config(path).train.precision == "auto", path

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from data.config import ConfigError
+from core.errors import ConfigError
 from kernels import PRECONDITIONERS, Preconditioner, attention, register
 from model import ModelConfig, Transformer
 
@@ -90,8 +90,8 @@ def test_export_reloads_with_matching_logits_and_is_probed(registered, tmp_path)
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
-    from launcher.hf import convert
-    from launcher.probe import probe
+    from export import convert
+    from model.probe import probe
 
     torch.manual_seed(0)
     cfg = tiny_cfg(NEW)
@@ -112,7 +112,7 @@ def test_export_reloads_with_matching_logits_and_is_probed(registered, tmp_path)
 
 
 def test_export_refuses_a_custom_preconditioner_in_one_line(registered):
-    from launcher.hf import convert
+    from export import convert
 
     for export in (convert.needs_remote_code, lambda p: convert.hf_config(tiny_cfg(p), {}, torch.float32)):
         with pytest.raises(ConfigError, match=f"precondition='{CUSTOM}' cannot be exported") as e:

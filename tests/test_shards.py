@@ -32,7 +32,7 @@ def shard_cfg(tmp, files, **kw):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def shard_corpus(tmp_path_factory):
     """Forty one-document text files: (documents in file order, prepared data, config)."""
     docs, cfg = one_document_files(tmp_path_factory.mktemp("shards"), 40, seed=21, shard_bytes=SHARD_BYTES)
     return docs, prepare_data(cfg, workers=1), cfg
@@ -49,8 +49,8 @@ def shard_arrays(prepared, suffix: str) -> list[np.ndarray]:
     return [np.load(prepared.shard_dir / f"{s['name']}.{suffix}.npy") for s in prepared.shards]
 
 
-def test_shards_hold_every_training_document_once_in_order(corpus):
-    docs, prepared, _ = corpus
+def test_shards_hold_every_training_document_once_in_order(shard_corpus):
+    docs, prepared, _ = shard_corpus
     tokens = shard_arrays(prepared, "tokens")
     assert len(tokens) >= 4 and all(t.dtype == np.uint16 for t in tokens)
     assert np.concatenate(tokens).tolist() == reference_ids(prepared, docs, held_out=False)
@@ -67,24 +67,24 @@ def test_shards_hold_every_training_document_once_in_order(corpus):
     assert s["train_tokens"] + s["train_documents"] == sum(map(len, tokens))
 
 
-def test_stream_and_shards_prepare_the_same_split_and_statistics(corpus, tmp_path):
-    _, prepared, cfg = corpus
+def test_stream_and_shards_prepare_the_same_split_and_statistics(shard_corpus, tmp_path):
+    _, prepared, cfg = shard_corpus
     streamed = prepare_data(cfg.__class__(**{**vars(cfg), "loader": "stream", "cache_dir": str(tmp_path / "fresh")}))
     assert streamed.shards == () and streamed.val_threshold == prepared.val_threshold
     assert {k: v for k, v in prepared.stats.items() if k != "shards"} == streamed.stats
     assert torch.equal(validation_windows(prepared), validation_windows(streamed))
 
 
-def test_workers_do_not_change_the_shards(corpus, tmp_path):
-    docs, prepared, cfg = corpus
+def test_workers_do_not_change_the_shards(shard_corpus, tmp_path):
+    docs, prepared, cfg = shard_corpus
     given = dict(tokenizer=str(prepared.tokenizer_path), cache_dir=str(tmp_path / "c2"))
     two = prepare_data(cfg.__class__(**{**vars(cfg), **given}), workers=2)
     assert [s["sha256"] for s in two.shards] == [s["sha256"] for s in prepared.shards]
     assert torch.equal(validation_windows(two), validation_windows(prepared))
 
 
-def test_an_interrupted_preparation_keeps_its_finished_shards(corpus, tmp_path):
-    _, prepared, cfg = corpus
+def test_an_interrupted_preparation_keeps_its_finished_shards(shard_corpus, tmp_path):
+    _, prepared, cfg = shard_corpus
     cfg = cfg.__class__(**{**vars(cfg), "tokenizer": str(prepared.tokenizer_path), "cache_dir": str(tmp_path)})
     first = prepare_data(cfg, workers=1)
     folder, names = first.shard_dir, [s["name"] for s in first.shards]
@@ -142,8 +142,8 @@ def take(loader, n: int, B: int) -> torch.Tensor:
     return torch.cat([loader.next_batch(B) for _ in range(n)])
 
 
-def test_an_epoch_visits_every_window_once_in_a_new_order(corpus):
-    _, prepared, _ = corpus
+def test_an_epoch_visits_every_window_once_in_a_new_order(shard_corpus):
+    _, prepared, _ = shard_corpus
     windows = all_windows(prepared)
     loader = ShardLoader(prepared, seed=5)
     epochs = [[tuple(w) for w in take(loader, len(windows), 1).tolist()] for _ in range(2)]
@@ -153,8 +153,8 @@ def test_an_epoch_visits_every_window_once_in_a_new_order(corpus):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_ranks_take_their_slices_of_the_same_global_batches(corpus, world):
-    _, prepared, _ = corpus
+def test_ranks_take_their_slices_of_the_same_global_batches(shard_corpus, world):
+    _, prepared, _ = shard_corpus
     B, steps = 2, 9
     single = take(ShardLoader(prepared, seed=7), steps, B * world)
     ranks = [ShardLoader(prepared, rank=r, world_size=world, seed=7) for r in range(world)]
@@ -162,8 +162,8 @@ def test_ranks_take_their_slices_of_the_same_global_batches(corpus, world):
     assert torch.equal(torch.cat(per_step), single)
 
 
-def test_resume_on_another_world_size_continues_the_global_order(corpus):
-    _, prepared, _ = corpus
+def test_resume_on_another_world_size_continues_the_global_order(shard_corpus):
+    _, prepared, _ = shard_corpus
     B = 2
     uninterrupted = take(ShardLoader(prepared, seed=9), 40, B)  # 40 windows in one global order
     two = [ShardLoader(prepared, rank=r, world_size=2, seed=9) for r in range(2)]
@@ -178,8 +178,8 @@ def test_resume_on_another_world_size_continues_the_global_order(corpus):
     assert torch.equal(resumed, uninterrupted[28:40])
 
 
-def test_resume_refuses_another_seed(corpus):
-    _, prepared, _ = corpus
+def test_resume_refuses_another_seed(shard_corpus):
+    _, prepared, _ = shard_corpus
     with pytest.raises(ValueError, match="train.seed"):
         ShardLoader(prepared, seed=2).load_state_dict(ShardLoader(prepared, seed=1).state_dict())
 
@@ -215,8 +215,8 @@ def all_windows_of(prepared, source: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("kind", ["shards", "stream"])
-def test_prefetcher_hands_out_the_same_batches_and_the_consumed_state(corpus, kind):
-    _, prepared, _ = corpus
+def test_prefetcher_hands_out_the_same_batches_and_the_consumed_state(shard_corpus, kind):
+    _, prepared, _ = shard_corpus
     make = (lambda: ShardLoader(prepared, seed=3)) if kind == "shards" else (lambda: TokenStream(prepared, seed=3))
     bare = make()
     expected = take(bare, 12, 2)
@@ -246,8 +246,8 @@ def test_prefetcher_raises_the_loaders_error_in_the_consumer():
         Prefetcher(Broken(), batch_size=1).next_batch(1)
 
 
-def test_cli_workers_and_bad_workers(corpus, tmp_path):
-    _, _, cfg = corpus
+def test_cli_workers_and_bad_workers(shard_corpus, tmp_path):
+    _, _, cfg = shard_corpus
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps({"data": {**vars(cfg), "cache_dir": str(tmp_path / "c")}}))
     run = [sys.executable, "-m", "data.prepare", "--config", str(config)]
@@ -331,12 +331,12 @@ def test_every_data_field_is_in_the_cache_key_or_exempt(tmp_path):
 @pytest.mark.parametrize(
     "field", ["shard_bytes", "max_tokens", "seq_len", "val_windows", "val_fraction", "vocab_size", "loader"]
 )
-def test_a_changed_setting_prepares_again_instead_of_reusing_the_cache(corpus, field):
+def test_a_changed_setting_prepares_again_instead_of_reusing_the_cache(shard_corpus, field):
     """The same corpus into the same cache with one setting changed: a second preparation,
     not the first one's files."""
     from dataclasses import replace
 
-    _, first, cfg = corpus
+    _, first, cfg = shard_corpus
     second = prepare_data(replace(cfg, **{field: CHANGED[field]}), workers=1)
     assert second.val_path != first.val_path and second.val_path.is_file() and first.val_path.is_file()
     if field == "shard_bytes":

@@ -62,6 +62,12 @@ def env(**extra) -> dict:
     return e
 
 
+def fresh_process_env(tmp: Path) -> dict:
+    """A user's process: offline, an empty HF home in `tmp`, and nothing of the project importable."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "PYTHONPATH"))}
+    return {**e, "HF_HOME": str(tmp / "hf_home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
 def run_single(overrides: list[str], timeout: int = 240, **env_extra) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "launcher.train", "--config", str(ROOT / "configs/tiny.yaml"), *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
@@ -95,9 +101,9 @@ def snapshot(folder: Path) -> dict[str, bytes | None]:
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
-    from launcher.metrics import read_metrics
+    from run.rundir import RunDir
 
-    return read_metrics(run_dir / "metrics.jsonl")
+    return RunDir(run_dir).rows()
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

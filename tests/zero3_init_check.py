@@ -34,8 +34,8 @@ def build(cfg, stage: int):
     """The trainer's model for ZeRO `stage` (what Trainer._build_engine hands to DeepSpeed)."""
     from launcher import distributed as dist
     from launcher.ds_config import build_ds_config
-    from launcher.optim import param_groups
     from launcher.trainer import Trainer
+    from model import param_groups
 
     cfg = copy.deepcopy(cfg)
     cfg.deepspeed.zero_stage = stage
@@ -67,7 +67,7 @@ def check_case(cfg) -> dict:
 
 def main() -> int:
     from launcher import distributed as dist
-    from launcher.config import load_run_config
+    from run.config import load_run_config
 
     args = parse_args()
     dist.prepare_environment(threads=1)

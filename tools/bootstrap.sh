@@ -1,5 +1,5 @@
-# Shared set-up for run_tests.sh and run_pretrain.sh; source it with a requirements file:
-#   source tools/bootstrap.sh requirements.txt
+# Shared set-up for run_tests.sh and run_pretrain.sh; source it, then call it with a requirements file:
+#   source tools/bootstrap.sh; bootstrap_venv requirements.txt
 # Creates .venv when missing and installs the pinned requirements. A stamp holding the hash
 # of the requirement files makes a second call skip the install when nothing changed.
 

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from data.config import ConfigError
-from model import ModelConfig, Transformer
+from core.errors import ConfigError
+from model import ModelConfig, Transformer, param_groups
+from run.rundir import RunDir
 
 Tensor = torch.Tensor
 STAGE3_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -50,16 +51,15 @@ class Checkpoint:
 
 def resolve_tag(run_dir: Path, tag: str | None) -> Path:
     """The checkpoint folder for `tag` (default: the one `checkpoints/latest` names)."""
-    ckpt_root = run_dir / "checkpoints"
+    run = RunDir(run_dir)
     if tag is None:
-        latest = ckpt_root / "latest"
-        if not latest.is_file():
-            raise ConfigError(f"--run {run_dir}: no checkpoint found ({latest} is missing); train first")
-        tag = latest.read_text().strip()
-    folder = ckpt_root / tag
+        tag = run.latest_tag()
+        if tag is None:
+            raise ConfigError(f"--run {run_dir}: no checkpoint found ({run.latest_file} is missing); train first")
+    folder = run.checkpoint(tag)
     if not folder.is_dir():
-        have = sorted(p.name for p in ckpt_root.iterdir() if p.is_dir()) if ckpt_root.is_dir() else []
-        raise ConfigError(f"--tag {tag}: no such checkpoint under {ckpt_root}; available: {', '.join(have) or 'none'}")
+        have = ", ".join(run.tags()) or "none"
+        raise ConfigError(f"--tag {tag}: no such checkpoint under {run.checkpoints}; available: {have}")
     if not (folder / MODEL_STATES).is_file() and not (folder / STAGE3_STATES).is_file():
         raise ConfigError(f"checkpoint {folder}: no {MODEL_STATES} or {STAGE3_STATES}; is it a DeepSpeed checkpoint?")
     return folder
@@ -90,8 +90,6 @@ def _check_keys(sd: dict[str, Tensor], cfg: ModelConfig, where: Path) -> None:
 
 def _unfused_master_weights(optimizer_state: dict, cfg: ModelConfig) -> dict[str, Tensor]:
     """ZeRO-0 in bf16 mode: name -> fp32 master weight from `optimizer.fp32_groups`."""
-    from launcher.optim import param_groups
-
     with torch.device("meta"):
         groups = param_groups(Transformer(cfg))
     saved = optimizer_state["fp32_groups"]

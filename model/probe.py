@@ -1,6 +1,6 @@
 """The conditioning probe's math and hooks: condition numbers of the attention matrices, with
 and without the preconditioner. The command that loads models and writes reports is
-launcher.conditioning; this module imports neither `transformers` nor the HF export.
+research.conditioning; this module imports neither `transformers` nor the HF export.
 
 Per layer and head, for each sequence of a batch of validation windows, in float64:
     O, O_plain    head outputs (T, E) with the model's preconditioner / plain attention

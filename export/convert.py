@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from data.config import ConfigError
+from core.errors import ConfigError
 from kernels import get_preconditioner
 from model import ModelConfig
 
@@ -168,7 +168,7 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int], dtype: torch.dtype):
         # one full-attention layer type everywhere: no sliding window
         config = Qwen3Config(use_sliding_window=False, max_window_layers=cfg.n_layers, **fields)
     else:
-        from launcher.hf.modeling_precond_llama import PrecondLlamaConfig
+        from export.modeling_precond_llama import PrecondLlamaConfig
 
         rows = get_preconditioner(cfg.precondition).rows
         config = PrecondLlamaConfig(mlp_bias=False, precondition=cfg.precondition, precondition_rows=rows, **fields)

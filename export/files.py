@@ -4,50 +4,19 @@ copy of the tokenizer that training used, which the export reads its special tok
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.config import ConfigError
+from core.errors import ConfigError
 from data.tokenizer import PAD_TOKEN, find_eos
-from launcher.config import RunConfig
-from launcher.hf.checkpoint import Checkpoint
-from launcher.hf.convert import architecture, needs_remote_code, qk_scale
+from export.consolidate import Checkpoint
+from export.convert import architecture, needs_remote_code, qk_scale
+from run.config import RunConfig
+from run.rundir import RunDir
 
 MARKER = "export.json"
 MARKER_FORMAT = "precond-lm-hf-export"
-RUN_TOKENIZER_DIR = "tokenizer"
-"""RUN_DIR/tokenizer/: the prepared tokenizer folder (tokenizer.json, tokenizer_config.json, ...)."""
-
-
-@contextlib.contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
-    """An empty folder beside `out` to write into. When the block succeeds it takes the place of
-    `out` (a previous `out` is renamed aside, then deleted); when the block fails it is removed."""
-    tmp, old = (out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def keep_tokenizer(tokenizer_dir: Path, run_dir: Path) -> None:
-    """Copy the prepared tokenizer folder to RUN_DIR/tokenizer/ and its tokenizer.json to
-    RUN_DIR/tokenizer.json, each under a temporary name first, then renamed into place."""
-    with staged_folder(run_dir / RUN_TOKENIZER_DIR) as tmp:
-        shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
-    shutil.copyfile(tokenizer_dir / "tokenizer.json", run_dir / "tokenizer.json.tmp")
-    (run_dir / "tokenizer.json.tmp").replace(run_dir / "tokenizer.json")
 
 
 @dataclass(frozen=True)
@@ -85,8 +54,9 @@ def run_tokenizer(run_dir: Path) -> RunTokenizer:
     """The special tokens RUN_DIR/tokenizer/tokenizer_config.json names. A run directory with
     only tokenizer.json gets what data.prepare would have written: the end-of-text token data/
     finds as eos and bos, and <|pad|> (else eos) as pad."""
-    folder = run_dir / RUN_TOKENIZER_DIR
-    file = folder / "tokenizer.json" if (folder / "tokenizer.json").is_file() else run_dir / "tokenizer.json"
+    run = RunDir(run_dir)
+    kept = run.tokenizer_dir / "tokenizer.json"
+    file = kept if kept.is_file() else run.tokenizer_file
     tok, configured = _load(file), _configured(file.parent)
     vocab = tok.get_vocab(with_added_tokens=True)
     eos = find_eos(tok, configured.get("eos_token"), str(file))

@@ -1,4 +1,4 @@
-"""The experiment's report: markdown tables, an honest verdict, PNG plots (launcher.experiment).
+"""The experiment's report: markdown tables, an honest verdict, PNG plots (research.experiment).
 
 results: (variant, seed) -> {"evals": [(tokens, val_loss)], "tokens_per_sec", "cond_before",
 "cond_after" (per layer: name -> kappa, median over heads), "cond_logged" (tag -> [(step, value)])}.
@@ -13,9 +13,9 @@ import math
 import statistics
 from pathlib import Path
 
-from launcher.conditioning import jsonable, kappa_fmt
-from launcher.probe import PROBED
 from model.config import ModelConfig
+from model.probe import PROBED
+from research.conditioning import jsonable, kappa_fmt
 
 
 # ---- statistics ----------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def write_report(out: Path, cfg, args, results: dict, command: str, total: int |
     lines += loss_table(args, results, target)
     lines += ["", "![validation loss](val_loss.png)", "", "## Condition numbers", ""]
     lines += [
-        "kappa = sigma_max / sigma_min in float64 (launcher.conditioning), median over heads, then over seeds;",
+        "kappa = sigma_max / sigma_min in float64 (research.conditioning), median over heads, then over seeds;",
         "`_plain` = plain attention of the same q, k, v; before = the step-0 model; inf = numerically singular.",
         "",
     ]

@@ -13,17 +13,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from data.config import (
-    ConfigError,
-    DataConfig,
-    build_section,
-    check_choice,
-    check_output_path,
-    check_range,
-    help_parser,
-    load_yaml,
-)
+from core.config import build_section, check_choice, check_output_path, check_range, help_parser, load_yaml
+from core.errors import ConfigError
+from core.files import write_atomic
+from data.config import DataConfig
 from model.config import ModelConfig
+from run.rundir import RunDir
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -71,6 +66,9 @@ class TrainConfig:
     """The run directory: config, checkpoints, tensorboard, metrics.jsonl, hf export."""
     threads: int = 0
     """CPU threads per rank (0 = cores / local ranks)."""
+    peak_flops: float = 0.0
+    """Dense peak FLOP/s of one device at the training precision, for MFU (0 = known from the device
+    name: H100, H200, A100, L40, or the development CPUs; MFU is left out for a device not known)."""
     dist_timeout: int = 600
     """Seconds a collective may wait before the job fails (a dead rank must not hang the rest)."""
     compile: bool = False
@@ -174,8 +172,9 @@ def check_run_dir(cfg: RunConfig) -> None:
     the same model and data sections. Checked before any set-up, so nothing is written."""
     run_dir = Path(cfg.train.output_dir)
     check_output_path("train.output_dir", run_dir)
-    saved = run_dir / "config.yaml"
-    if not (saved.is_file() and (run_dir / "checkpoints" / "latest").is_file()):
+    run = RunDir(run_dir)
+    saved = run.config
+    if not (saved.is_file() and run.latest_file.is_file()):
         return
     try:
         before = load_run_config(saved)
@@ -191,16 +190,13 @@ def check_run_dir(cfg: RunConfig) -> None:
 
 def save_run_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(cfg.to_yaml())
-    tmp.replace(path)
+    write_atomic(path, cfg.to_yaml())
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m launcher.config --config FILE [key=value ...] [--get section.key]`: print the
+    """`python -m run.config --config FILE [key=value ...] [--get section.key]`: print the
     resolved config (or one value of it)."""
-    parser = help_parser("python -m launcher.config", "Print a resolved run config.", SECTIONS)
+    parser = help_parser("python -m run.config", "Print a resolved run config.", SECTIONS)
     parser.add_argument("--config", default=None, help="a run config YAML (default: built-in defaults)")
     parser.add_argument("--get", default=None, metavar="SECTION.KEY", help="print only this value")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -220,6 +216,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from data.config import run_main
+    from core.cli import run_main
 
     sys.exit(run_main(main))

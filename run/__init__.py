@@ -1,0 +1,1 @@
+"""A run: its config (every section) and its directory on disk."""

@@ -1,0 +1,130 @@
+"""The run directory (train.output_dir): the one place that knows its layout.
+
+config.yaml        the resolved run config
+metrics.jsonl      one JSON row per logged step (read_metrics)
+tensorboard/       TensorBoard event files
+tokenizer/         the tokenizer the run trained with; tokenizer.json beside it
+checkpoints/       DeepSpeed checkpoints (global_stepN/), `latest` names the newest complete one
+stop               present: the run saves at the next step boundary and exits 0
+hf/                the Hugging Face export
+
+python -m run.rundir RUN_DIR --get latest|stop|export   (for scripts)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from core.cli import run_main
+from core.errors import ConfigError
+from core.files import staged_folder, write_atomic
+
+TAG_PATTERN = re.compile(r"global_step(\d+)")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def tag_step(tag: str) -> int:
+    """The step a checkpoint tag names (global_step300 -> 300); -1 for another name."""
+    m = TAG_PATTERN.fullmatch(tag)
+    return int(m.group(1)) if m else -1
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line cut short by a crash is dropped; a malformed
+    line before it is a ConfigError naming the file and line."""
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                break  # torn by a crash mid-write
+            raise ConfigError(f"{path}:{number}: not a JSON row; remove the line or the file") from None
+    return rows
+
+
+class RunDir:
+    """Paths and reads of one run directory; nothing else spells its file names."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.metrics = self.root / "metrics.jsonl"
+        self.tensorboard = self.root / "tensorboard"
+        self.tokenizer_dir = self.root / "tokenizer"
+        self.tokenizer_file = self.root / "tokenizer.json"
+        self.checkpoints = self.root / "checkpoints"
+        self.latest_file = self.checkpoints / "latest"
+        self.stop_file = self.root / "stop"
+        self.export = self.root / "hf"
+
+    def latest_tag(self) -> str | None:
+        """The tag `checkpoints/latest` names, or None before the first save."""
+        return self.latest_file.read_text(errors="replace").strip() if self.latest_file.is_file() else None
+
+    def latest_step(self) -> int:
+        """The step of the newest checkpoint (0 before the first save)."""
+        return max(tag_step(self.latest_tag() or ""), 0)
+
+    def checkpoint(self, tag: str) -> Path:
+        return self.checkpoints / tag
+
+    def tags(self) -> list[str]:
+        """Checkpoint folders (global_stepN), oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(
+            (p.name for p in self.checkpoints.iterdir() if p.is_dir() and tag_step(p.name) >= 0), key=tag_step
+        )
+
+    def set_latest(self, tag: str) -> None:
+        write_atomic(self.latest_file, tag)
+
+    def rows(self) -> list[dict]:
+        """metrics.jsonl's rows; none before the run logs its first step."""
+        return read_metrics(self.metrics) if self.metrics.is_file() else []
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop rows past `after_step` (left by a run that died after its last checkpoint) and a
+        torn last line, so a resumed run appends each step once."""
+        if self.metrics.is_file():
+            keep = [row for row in self.rows() if row.get("step", 0) <= after_step]
+            write_atomic(self.metrics, "".join(json.dumps(row) + "\n" for row in keep))
+
+    def keep_tokenizer(self, tokenizer_dir: Path) -> None:
+        """Copy the prepared tokenizer folder to tokenizer/ and its tokenizer.json beside it,
+        each under a temporary name first, then renamed into place."""
+        with staged_folder(self.tokenizer_dir) as tmp:
+            shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True)
+        write_atomic(self.tokenizer_file, (tokenizer_dir / "tokenizer.json").read_bytes())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m run.rundir", description="Paths of a run directory, for scripts.")
+    p.add_argument("run_dir")
+    p.add_argument("--get", required=True, choices=["latest", "stop", "export", "tensorboard"])
+    args = p.parse_args(argv)
+    run = RunDir(args.run_dir)
+    if args.get == "latest":
+        tag = run.latest_tag()
+        if tag is None:
+            raise ConfigError(f"{run.root}: no checkpoint yet ({run.latest_file} is missing)")
+        print(run.checkpoint(tag))
+    else:
+        print({"stop": run.stop_file, "export": run.export, "tensorboard": run.tensorboard}[args.get])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
