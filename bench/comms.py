@@ -52,9 +52,8 @@ def worker(args: argparse.Namespace) -> None:
     from launcher.trainer import Trainer
 
     trainer = Trainer(cfg, StopRequest(RunDir(cfg.train.output_dir)))
-    trainer.setup()
     before = dist.comms_bytes_by_op()
-    losses = [trainer.train_step() for _ in range(args.steps)]
+    losses = [trainer.train_step(step) for step in range(1, args.steps + 1)]
     after = dist.comms_bytes_by_op()
     val_loss = trainer.evaluate()
     ds_comm.log_summary()  # collective: every rank calls it; rank 0 prints DeepSpeed's table

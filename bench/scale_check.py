@@ -51,39 +51,39 @@ def memory_gib() -> dict[str, float]:
 
 def worker(args: argparse.Namespace, config: str) -> None:
     """One rank: the trainer's set-up and --steps steps; writes RANK.json with memory by phase."""
+    import torch
+
     from launcher import distributed as dist
-    from launcher.stopping import StopRequest
     from run.config import load_run_config
-    from run.rundir import RunDir
 
     cfg = load_run_config(config, args.overrides)
     dist.prepare_environment(cfg.train.threads)
     dist.init(cfg.train.dist_timeout)
-    from launcher.trainer import Trainer
+    from data import prepare_data, training_batches
+    from launcher.ds_config import build_ds_config
+    from launcher.engine import Stepper, build_engine, build_model, parameter_count
+    from launcher.precision import resolve_precision
 
     phases = {"start": memory_gib()}
-    trainer = Trainer(cfg, StopRequest(RunDir(cfg.train.output_dir)))
-    build_engine, build_model = trainer._build_engine, trainer._build_model
-
-    def recorded_engine() -> None:
-        phases["data ready"] = memory_gib()
-        build_engine()
-
-    def recorded_model(ds_config: dict):
-        model = build_model(ds_config)
-        phases["model built"] = memory_gib()
-        trainer.ds_config = ds_config
-        return model
-
-    trainer._build_engine, trainer._build_model = recorded_engine, recorded_model
-    trainer.setup()
+    device = torch.device("cpu")
+    precision = resolve_precision(cfg.train.precision, device).name
+    prepared = prepare_data(cfg.data, model_vocab_size=cfg.model.vocab_size, progress=False)  # locked: one prepares
+    B, W = cfg.train.micro_batch_size, dist.world_size()
+    stream = training_batches(prepared, rank=dist.rank(), world_size=W, seed=cfg.train.order_seed, batch_size=B)
+    phases["data ready"] = memory_gib()
+    ds_config = build_ds_config(cfg, dist.world_size(), precision)
+    model = build_model(cfg, ds_config)  # the trainer's pieces, in its order, measured between
+    phases["model built"] = memory_gib()
+    engine, scheduler = build_engine(cfg, model, ds_config, device)
     phases["engine built"] = memory_gib()
+    train_step = Stepper(cfg, engine, scheduler, stream, device, precision)
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
-        loss = trainer.train_step()
+        loss = train_step(step)
         phases[f"step {step}"] = {**memory_gib(), "loss": loss, "seconds": time.perf_counter() - start}
-    zero = trainer.ds_config["zero_optimization"]
-    report = dict(phases=phases, n_params=trainer.n_params, precision=trainer.precision, zero=zero)
+    stream.close()
+    zero = ds_config["zero_optimization"]
+    report = dict(phases=phases, n_params=parameter_count(cfg), precision=precision, zero=zero)
     Path(args.worker, f"rank{dist.rank()}.json").write_text(json.dumps(report))
 
 

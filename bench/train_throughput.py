@@ -41,14 +41,15 @@ class RandomWindows:
 
 
 def build_ours(cfg):
-    from launcher.stopping import StopRequest
-    from launcher.trainer import Trainer
-    from run.rundir import RunDir
+    from launcher import distributed as dist
+    from launcher.ds_config import build_ds_config
+    from launcher.engine import Stepper, build_engine, build_model
 
-    trainer = Trainer(cfg, StopRequest(RunDir(cfg.train.output_dir)))
-    trainer._build_engine()
-    trainer.stream = RandomWindows(cfg.model.vocab_size, cfg.data.seq_len)
-    return trainer.train_step
+    device, name = torch.device("cpu"), precision(cfg)
+    ds_config = build_ds_config(cfg, dist.world_size(), name)
+    engine, scheduler = build_engine(cfg, build_model(cfg, ds_config), ds_config, device)
+    stepper = Stepper(cfg, engine, scheduler, RandomWindows(cfg.model.vocab_size, cfg.data.seq_len), device, name)
+    return lambda: stepper(1)
 
 
 def build_reference(cfg, compiled: bool = False):

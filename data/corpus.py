@@ -20,7 +20,17 @@ from tqdm import tqdm
 from core.errors import ConfigError
 from data.config import DataConfig
 from data.default_corpus import fetch_default_corpus, split_plays
-from data.sources import ScanReport, SourceSpec, check_files, doc_hash, file_sources, hub_source, iter_checked_texts
+from data.shards import ShardFiles
+from data.sources import (
+    ScanReport,
+    SourceSpec,
+    check_files,
+    doc_hash,
+    file_sources,
+    held_out,
+    hub_source,
+    iter_checked_texts,
+)
 from data.stream import TOKENIZE_BATCH, WindowPacker
 
 DEFAULT_CORPUS = "default corpus (Shakespeare's plays)"
@@ -116,10 +126,10 @@ class CorpusPass:
         else:
             n_val = min(len(hashes) - 1, max(1, round(self.cfg.val_fraction * len(hashes))))
             self.val_threshold = int(np.sort(np.array(hashes, dtype=np.uint64))[n_val - 1]) + 1
-        return [t for t, h in zip(texts, hashes, strict=True) if h >= self.val_threshold]
+        return [t for t in texts if self._is_train(t)]
 
     def _is_train(self, text: str) -> bool:
-        return doc_hash(text) >= self.val_threshold
+        return not held_out(text, self.val_threshold)
 
     def useful_workers(self, shard_bytes: int) -> int:
         """Worker processes that can have a shard to tokenise (local files: by their size)."""
@@ -169,7 +179,7 @@ class CorpusPass:
             if r["source"] >= 0:
                 self.source_bytes[r["source"]] += r["train_bytes"]
         self.counts["shards"] = len(shards)
-        return self._pack(np.load(folder / f"{r['name']}.val.npy") for r in shards if r["val_documents"])
+        return self._pack(np.load(ShardFiles(folder, r["name"]).val) for r in shards if r["val_documents"])
 
     def _pack(self, pieces: Iterator) -> np.ndarray:
         """The first data.val_windows windows of seq_len + 1 tokens of the held-out documents."""

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError
+from data.shards import ShardFiles
 
 
 class SourceWindows:
@@ -73,7 +74,7 @@ class ShardLoader:
         self.window = prepared.seq_len + 1
         by_source = [[] for _ in prepared.sources]
         for shard in prepared.shards:
-            by_source[shard["source"]].append(prepared.shard_dir / f"{shard['name']}.tokens.npy")
+            by_source[shard["source"]].append(ShardFiles(prepared.shard_dir, shard["name"]).tokens)
         self.sources = [SourceWindows(paths, self.window) for paths in by_source]
         counts = [s.count for s in self.sources]
         self.per_epoch = contributions(counts, list(prepared.weights) if prepared.weighted else None)

@@ -38,7 +38,7 @@ from data.config import DataConfig
 from data.corpus import CorpusPass, format_stats, resolve_sources, source_fingerprint
 from data.shards import ShardJob, ShardWriter, save_npy, token_dtype
 from data.sources import SourceSpec
-from data.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_bpe
+from data.tokenizer import EOS_TOKEN, load_tokenizer, open_tokenizer, save_tokenizer, train_bpe
 
 MANIFEST_VERSION = 2
 """Bump when the prepared output changes meaning, so old caches are not reused."""
@@ -71,6 +71,31 @@ class PreparedData:
     def tokenizer_dir(self) -> Path:
         """The folder with tokenizer.json and the transformers config files (copy it on export)."""
         return self.tokenizer_path.parent
+
+    def to_record(self, cache: Path, folder: Path) -> dict:
+        """The manifest's JSON: paths relative to the cache (the tokenizer) or to the manifest's
+        folder (the validation windows, the shards), so a cache can move."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record.update(
+            tokenizer_path=str(self.tokenizer_path.resolve().relative_to(cache)),
+            sources=[asdict(s) for s in self.sources],
+            val_path=str(self.val_path.relative_to(folder)),
+            shard_dir=self.shard_dir and str(self.shard_dir.relative_to(folder)),
+        )
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict, cache: Path, folder: Path) -> PreparedData:
+        values = {f.name: record[f.name] for f in fields(cls)}
+        values.update(
+            tokenizer_path=cache / record["tokenizer_path"],
+            sources=tuple(SourceSpec(**{**s, "files": tuple(s["files"])}) for s in record["sources"]),
+            weights=tuple(record["weights"]),
+            val_path=folder / record["val_path"],
+            shard_dir=record["shard_dir"] and folder / record["shard_dir"],
+            shards=tuple(record["shards"]),
+        )
+        return cls(**values)
 
 
 def _digest(obj) -> str:
@@ -178,9 +203,7 @@ def _tokenizer(cfg: DataConfig, sample: list[str], key: str, progress: bool):
         tok, eos = None, EOS_TOKEN
     folder = Path(cfg.cache_dir) / "tokenizers" / (key if tok is None else _digest(tok.to_str()))
     if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(folder / "tokenizer.json")), eos, folder / "tokenizer.json"
+        return open_tokenizer(folder / "tokenizer.json"), eos, folder / "tokenizer.json"
     if tok is None:
         tok = train_bpe(sample, cfg.vocab_size, show_progress=progress)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -213,46 +236,30 @@ def _build(
     manifest.parent.mkdir(parents=True, exist_ok=True)
     val_path = manifest.with_suffix(".val.npy")
     save_npy(val_path, val.astype(np.int32))
-    cache = Path(cfg.cache_dir).resolve()
-    record = {
-        "tokenizer_path": str(tok_path.resolve().relative_to(cache)),
-        "eos_id": eos_id,
-        "eos_token": eos,
-        "vocab_size": vocab_size,
-        "seq_len": cfg.seq_len,
-        "sources": [asdict(s) for s in corpus.specs],
-        "weights": corpus.weights(),
-        "weighted": bool(cfg.weights),
-        "val_threshold": corpus.val_threshold,
-        "val_path": val_path.name,
-        "stats": corpus.stats(vocab_size, len(val)),
-        "loader": cfg.loader,
-        "shard_dir": shard_dir and shard_dir.name,
-        "shards": shards,
-    }
+    prepared = PreparedData(
+        tokenizer_path=tok_path,
+        eos_id=eos_id,
+        eos_token=eos,
+        vocab_size=vocab_size,
+        seq_len=cfg.seq_len,
+        sources=tuple(corpus.specs),
+        weights=tuple(corpus.weights()),
+        weighted=bool(cfg.weights),
+        val_threshold=corpus.val_threshold,
+        val_path=val_path,
+        stats=corpus.stats(vocab_size, len(val)),
+        loader=cfg.loader,
+        shard_dir=shard_dir,
+        shards=tuple(shards),
+    )
+    record = prepared.to_record(Path(cfg.cache_dir).resolve(), manifest.parent)
     write_atomic(manifest, json.dumps(record, indent=1).encode())
     return _load_manifest(manifest)
 
 
 def _load_manifest(manifest: Path) -> PreparedData:
-    record = json.loads(manifest.read_text())
-    cache = manifest.parent.parent.resolve()
-    return PreparedData(
-        tokenizer_path=cache / record["tokenizer_path"],
-        eos_id=record["eos_id"],
-        eos_token=record["eos_token"],
-        vocab_size=record["vocab_size"],
-        seq_len=record["seq_len"],
-        sources=tuple(SourceSpec(**{**s, "files": tuple(s["files"])}) for s in record["sources"]),
-        weights=tuple(record["weights"]),
-        weighted=record["weighted"],
-        val_threshold=record["val_threshold"],
-        val_path=manifest.parent.resolve() / record["val_path"],
-        stats=record["stats"],
-        loader=record["loader"],
-        shard_dir=record["shard_dir"] and manifest.parent.resolve() / record["shard_dir"],
-        shards=tuple(record["shards"]),
-    )
+    folder = manifest.parent.resolve()
+    return PreparedData.from_record(json.loads(manifest.read_text()), folder.parent, folder)
 
 
 def validation_windows(prepared: PreparedData) -> torch.Tensor:

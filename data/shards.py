@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from core.files import write_atomic
-from data.sources import SourceSpec, doc_hash, iter_checked_texts
+from data.sources import SourceSpec, held_out, iter_checked_texts
 
 LOOKAHEAD = 2
 """Pieces queued per worker beyond the one it tokenises."""
@@ -69,6 +69,33 @@ def shard_name(ordinal: int, index: int) -> str:
     return f"s{ordinal:02d}_{index:05d}"
 
 
+@dataclass(frozen=True)
+class ShardFiles:
+    """The files of one shard: training tokens, document ends, held-out tokens and its record."""
+
+    folder: Path
+    name: str
+
+    def _file(self, suffix: str) -> Path:
+        return self.folder / f"{self.name}{suffix}"
+
+    @property
+    def tokens(self) -> Path:
+        return self._file(".tokens.npy")
+
+    @property
+    def docs(self) -> Path:
+        return self._file(".docs.npy")
+
+    @property
+    def val(self) -> Path:
+        return self._file(".val.npy")
+
+    @property
+    def record(self) -> Path:
+        return self._file(".json")
+
+
 def save_npy(path: Path, array: np.ndarray) -> bytes:
     """Write `array` as .npy atomically; returns the file's bytes (for the checksum)."""
     buffer = io.BytesIO()
@@ -79,10 +106,10 @@ def save_npy(path: Path, array: np.ndarray) -> bytes:
 
 def finished(folder: Path, name: str) -> dict | None:
     """The record of a finished shard whose token file is whole, else None."""
-    base = folder / name
+    files = ShardFiles(folder, name)
     try:
-        record = json.loads(base.with_suffix(".json").read_text())
-        whole = base.with_suffix(".tokens.npy").stat().st_size == record["file_bytes"]
+        record = json.loads(files.record.read_text())
+        whole = files.tokens.stat().st_size == record["file_bytes"]
     except (OSError, ValueError, KeyError):
         return None
     return record if whole else None
@@ -94,12 +121,9 @@ _tokenizer = (None, None)  # (path, tokenizer): each worker process loads the to
 def _load_tokenizer(tokenizer_path: str):
     global _tokenizer
     if _tokenizer[0] != tokenizer_path:
-        from tokenizers import Tokenizer
+        from data.tokenizer import open_tokenizer
 
-        tok = Tokenizer.from_file(tokenizer_path)
-        tok.no_padding()
-        tok.no_truncation()
-        _tokenizer = (tokenizer_path, tok)
+        _tokenizer = (tokenizer_path, open_tokenizer(tokenizer_path))
     return _tokenizer[1]
 
 
@@ -118,14 +142,15 @@ def _encode(tok, texts: list[str], eos_id: int, dtype: str) -> tuple[np.ndarray,
 def tokenize_piece(job: ShardJob, piece: Piece) -> dict:
     """Tokenise one piece into its shard files (in a worker); returns the shard's record."""
     tok = _load_tokenizer(str(job.tokenizer_path))
-    val = [t for t in piece.texts if piece.held_out or doc_hash(t) < job.val_threshold]
-    train = [t for t in piece.texts if not (piece.held_out or doc_hash(t) < job.val_threshold)]
+    val, train = [], []
+    for text in piece.texts:
+        (val if piece.held_out or held_out(text, job.val_threshold) else train).append(text)
     tokens, ends = _encode(tok, train, job.eos_id, job.dtype)
-    base = job.folder / piece.name
-    data = save_npy(base.with_suffix(".tokens.npy"), tokens)
-    save_npy(base.with_suffix(".docs.npy"), ends)
+    files = ShardFiles(job.folder, piece.name)
+    data = save_npy(files.tokens, tokens)
+    save_npy(files.docs, ends)
     val_ids, _ = _encode(tok, val, job.eos_id, job.dtype)
-    save_npy(base.with_suffix(".val.npy"), val_ids)
+    save_npy(files.val, val_ids)
     record = {
         "name": piece.name,
         "source": piece.source,
@@ -138,7 +163,7 @@ def tokenize_piece(job: ShardJob, piece: Piece) -> dict:
         "file_bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
-    write_atomic(base.with_suffix(".json"), json.dumps(record).encode())
+    write_atomic(files.record, json.dumps(record).encode())
     return record
 
 

@@ -55,6 +55,12 @@ def doc_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
+def held_out(text: str, val_threshold: int) -> bool:
+    """The validation split's rule: a document is held out when its doc_hash is below the
+    threshold (0: none is; the split is then by file)."""
+    return doc_hash(text) < val_threshold
+
+
 def file_format(path: str, configured: str) -> str:
     if configured != "auto":
         return configured

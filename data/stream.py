@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError
-from data.sources import SourceSpec, doc_hash, open_texts
+from data.sources import SourceSpec, held_out, open_texts
 
 TOKENIZE_BATCH = 16
 """Documents per batched tokenisation call (the unit `datasets` recomputes on resume)."""
@@ -43,7 +43,7 @@ def make_tokenize(encode_batch: Callable, column: str, eos_id: int, val_threshol
     """The batched map function: drop empty and held-out documents, encode, append EOS."""
 
     def tokenize(batch: dict) -> dict:
-        texts = [t for t in batch[column] if t and doc_hash(t) >= val_threshold]
+        texts = [t for t in batch[column] if t and not held_out(t, val_threshold)]
         return {"ids": [enc.ids + [eos_id] for enc in encode_batch(texts)]}
 
     return tokenize
@@ -112,14 +112,12 @@ class TokenStream:
     """Its state is per rank: a resume must keep the number of ranks."""
 
     def __init__(self, prepared, rank: int = 0, world_size: int = 1, seed: int = 0):
-        from tokenizers import Tokenizer
+        from data.tokenizer import open_tokenizer
 
         if not 0 <= rank < world_size:
             raise ConfigError(f"TokenStream: rank {rank} is not in [0, world_size={world_size})")
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        tokenizer = Tokenizer.from_file(str(prepared.tokenizer_path))
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
+        tokenizer = open_tokenizer(prepared.tokenizer_path)
         self.sources = [
             DocumentSource(spec, tokenizer, prepared.eos_id, prepared.val_threshold, rank, world_size, seed)
             for spec in prepared.sources

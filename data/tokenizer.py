@@ -62,6 +62,14 @@ def _config_eos(folder: Path) -> str | None:
     return eos.get("content") if isinstance(eos, dict) else eos
 
 
+def open_tokenizer(path: str | Path) -> Tokenizer:
+    """A prepared tokenizer.json, ready to encode documents whole (no padding, no truncation)."""
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
 def load_tokenizer(path: str) -> tuple[Tokenizer, str]:
     """Load a tokenizer.json or a Hugging Face tokenizer folder; returns (tokenizer, eos token)."""
     p = Path(path)

@@ -16,7 +16,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_tiles import dot_t, key_bounds, load_rows, load_scales, program_rows, store_rows, visible
+from kernels.triton_tiles import (
+    LOG2E,
+    dot_t,
+    key_bounds,
+    load_rows,
+    load_scales,
+    program_rows,
+    store_rows,
+    visible,
+)
 
 
 @triton.jit
@@ -62,7 +71,7 @@ def _dkdv_inner(
         rq_M = load_scales(rq_ptr, rows, T, PRE_QK)
         # rows past T get lse = +inf, hence P = 0 and no contribution (and no NaN)
         lse_M = tl.load(lse_ptr + rows, mask=rows < T, other=float("inf"))
-        sT_NM = dot_t(k_ND, q_MD, rk_N[:, None], PRE_QK, PREC) * (rq_M * (sm_scale * 1.4426950408889634))[None, :]
+        sT_NM = dot_t(k_ND, q_MD, rk_N[:, None], PRE_QK, PREC) * (rq_M * (sm_scale * LOG2E))[None, :]
         pT_NM = tl.math.exp2(sT_NM - lse_M[None, :])
         if MASK:
             pT_NM = visible(pT_NM, rows[None, :], cols[:, None], T, 0.0, True)
@@ -174,7 +183,7 @@ def attn_bwd_dq_kernel(
     q_MD = load_rows(Q + b * sq_b + hq * sq_h, offs_m, sq_t, offs_d, T, D)
     do_MD = load_rows(DO + b * sdo_b + hq * sdo_h, offs_m, sdo_t, offs_d, T, D)
     rq_M = load_scales(RQ + pid_bh * T, offs_m, T, PRE_QK)
-    qs_M = rq_M * (sm_scale * 1.4426950408889634)
+    qs_M = rq_M * (sm_scale * LOG2E)
     lse_M = tl.load(LSE + pid_bh * T + offs_m, mask=row_ok, other=float("inf"))
     delta_M = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
 

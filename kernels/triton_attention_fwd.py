@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_tiles import (
+    LOG2E,
     dot_t,
     key_bounds,
     load_rows,
@@ -70,7 +71,7 @@ def attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
     q_MD = load_rows(Q + b * sq_b + hq * sq_h, offs_m, sq_t, offs_d, T, D)
-    qs_M = load_scales(RQ + pid_bh * T, offs_m, T, PRE_QK) * (sm_scale * 1.4426950408889634)
+    qs_M = load_scales(RQ + pid_bh * T, offs_m, T, PRE_QK) * (sm_scale * LOG2E)
 
     acc_MD = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_M = tl.zeros([BLOCK_M], dtype=tl.float32)

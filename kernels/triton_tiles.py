@@ -12,6 +12,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+"""log2(e): the kernels compute exp(x) as exp2(x * log2(e)), folded into the query scale."""
+
 
 @triton.jit
 def program_rows(H, BLOCK: tl.constexpr):

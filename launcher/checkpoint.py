@@ -18,7 +18,7 @@ import json
 import random
 import shutil
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, run: RunDir, step: int, client_state: dict, data_state: dict, keep_last: int) -> str:
+@dataclass
+class TrainState:
+    """Where training stands: what a checkpoint saves besides the engine and the data pipeline."""
+
+    step: int = 0
+    tokens: int = 0
+    val_loss: float | None = None
+
+
+def save(engine, run: RunDir, train: TrainState, config: dict, data_state: dict, keep_last: int) -> str:
     """Collective: every rank calls it. Returns the tag written."""
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
@@ -57,13 +66,13 @@ def save(engine, run: RunDir, step: int, client_state: dict, data_state: dict, k
         UNIVERSAL_CHECKPOINT_VERSION_VALUE,
     )
 
+    step = train.step
     tag = tag_for(step)
     if dist.rank() == 0:  # a crashed save's leftovers (maybe from another world size) must not mix in
         for stale in (run.checkpoint(tag), run.checkpoint(f"{tag}{UNIVERSAL_SUFFIX}")):
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
-    state = dict(client_state)
-    state["step"] = step
+    state = {**asdict(train), "config": config}
     state["world_size"] = dist.world_size()
     state["global_batch"] = engine.train_batch_size()  # windows per step: micro x grad_accum x W
     state["data_states"] = dist.gather_objects(data_state)
@@ -263,10 +272,10 @@ def prune(run: RunDir, keep_last: int) -> None:
                 shutil.rmtree(run.checkpoint(name), ignore_errors=True)
 
 
-def load(engine, run: RunDir, resume: Resume) -> dict:
+def load(engine, run: RunDir, resume: Resume) -> tuple[TrainState, dict]:
     """Load the checkpoint `resume` names (through its universal copy on another world size:
-    the engine must then be built with checkpoint.load_universal); returns our client state with
-    this rank's data state under "data_state", and sets this rank's RNG state."""
+    the engine must then be built with checkpoint.load_universal); returns the train state and
+    this rank's data state, and sets this rank's RNG state."""
     tag, note = resume.tag, "ZeRO stage 0 keeps whole states, loaded as written"
     if resume.universal:
         path, made = universal_copy(run, tag)
@@ -282,8 +291,8 @@ def load(engine, run: RunDir, resume: Resume) -> dict:
         saved, now = ranks(resume.saved_world_size), ranks(resume.world_size)
         print(f"resuming {resume.tag} written by {saved} on {now}: {note}", flush=True)
     r, rng_states = dist.rank(), state["rng_states"]
-    state["data_state"] = state["data_states"][0 if resume.elastic else r]
+    data_state = state["data_states"][0 if resume.elastic else r]
     # A rank the checkpoint did not have starts from rank 0's RNG state: the model has no dropout,
     # so no random draw during training depends on it.
     set_rng_state(rng_states[r] if r < len(rng_states) else rng_states[0])
-    return state
+    return TrainState(state["step"], state["tokens"], state.get("val_loss")), data_state

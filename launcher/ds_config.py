@@ -38,7 +38,7 @@ def generated_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict
     train.precision: fp32 or bf16)."""
     t = cfg.train
     return {
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "train_batch_size": t.global_batch(world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         # when DeepSpeed does not clip, the trainer does, to measure the norm DeepSpeed would not report

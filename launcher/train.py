@@ -51,13 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     from launcher.trainer import DivergedError, Trainer
 
-    trainer = Trainer(cfg, stop)
     try:
-        trainer.setup()
-        return trainer.run()
+        return Trainer(cfg, stop).run()
     except DivergedError as e:
         if distributed.rank() == 0:
-            last = trainer.rundir.latest_tag() or "none"
+            last = RunDir(cfg.train.output_dir).latest_tag() or "none"
             print(f"error: training diverged: {e}; stopped without saving (latest checkpoint: {last})", file=sys.stderr)
         return 1
     except ConfigError as e:

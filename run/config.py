@@ -95,6 +95,10 @@ class TrainConfig:
         check_range("train", "lr", self.lr, self.lr > 0, "a positive float")
         check_range("train", "min_lr", self.min_lr, 0 <= self.min_lr <= self.lr, "0 <= min_lr <= train.lr")
 
+    def global_batch(self, world_size: int) -> int:
+        """Windows per optimizer step: micro_batch_size x grad_accum x ranks."""
+        return self.micro_batch_size * self.grad_accum * world_size
+
 
 @dataclass
 class DeepSpeedConfig:

@@ -171,60 +171,33 @@ def test_slow_evaluation_and_save_are_logged_as_their_seconds(single_run):
     assert at4["eval_seconds"] >= SLOW_SECONDS and at4["save_seconds"] >= SLOW_SECONDS
 
 
-class RecordingLog:
-    """MetricsLogger's interface, keeping the rows."""
-
-    def __init__(self):
-        self.rows: list[tuple[int, dict]] = []
-
-    def log(self, step: int, row: dict, scalars: dict) -> None:
-        self.rows.append((step, row))
-
-    def progress(self, step: int, **postfix) -> None:
-        pass
-
-    def write(self, message: str) -> None:
-        pass
-
-
 def test_tokens_per_sec_leaves_out_evaluation_and_saves(monkeypatch):
     """On a fake clock: a step of 0.5 s, an evaluation and a save of 2 s each, another step of
-    0.5 s. Both steps log the same rate, tokens / 0.5 s, and the pauses their own seconds."""
-    import torch
-
+    0.5 s. Both steps measure the same rate, tokens / 0.5 s: the pauses are set aside."""
     import launcher.trainer as trainer_module
-    from launcher.trainer import Trainer
-    from run.config import RunConfig
+    from launcher.trainer import StepClock
 
     now = [1000.0]
     monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.device, trainer.precision = RunConfig(), torch.device("cpu"), "fp32"
-    trainer.cfg.deepspeed.zero_stage = 0  # the trainer's own grad norm, no engine needed
-    trainer.step, trainer.tokens, trainer.grad_norm, trainer.step_lr = 0, 0, 1.0, 1e-3
-    trainer.log = RecordingLog()
+    clock, rates = StepClock(0), []
+    now[0] += 0.5  # step 1
+    rates.append(clock.rate(64))
+    clock.restart(64)
+    for pause in (2.0, 2.0):  # evaluation, save
+        now[0] += pause
+        clock.pause(pause)
+    now[0] += 0.5  # step 2
+    rates.append(clock.rate(128))
+    assert rates == [128.0, 128.0]
 
-    def train_step(seconds: float) -> None:
-        now[0] += seconds
-        trainer.step += 1
-        trainer.tokens += 64
-        trainer._log_train(5.0)
 
-    def pause(seconds: float):
-        def work():
-            now[0] += seconds
-            return {}, {}
+def test_metrics_keys_map_to_one_tensorboard_tag_each():
+    """One metrics dict feeds both sinks: each logged key has its TensorBoard tag (or none)."""
+    from launcher.metrics import scalar_tag
 
-        return work
-
-    trainer._start_clock()
-    train_step(0.5)
-    trainer._off_the_clock("eval", pause(2.0))
-    trainer._off_the_clock("save", pause(2.0))
-    train_step(0.5)
-    timed = [(step, k, v) for step, row in trainer.log.rows for k, v in row.items() if k.endswith(("_sec", "_seconds"))]
-    assert timed == [(1, "tokens_per_sec", 128.0), (1, "eval_seconds", 2.0), (1, "save_seconds", 2.0),
-                     (2, "tokens_per_sec", 128.0)]  # fmt: skip
+    tags = {k: scalar_tag(k) for k in ("loss", "val_loss", "eval_seconds", "cond/layer0/kappa_s", "tokens")}
+    assert tags == {"loss": "train/loss", "val_loss": "val/loss", "eval_seconds": "time/eval_seconds",
+                    "cond/layer0/kappa_s": "cond/layer0/kappa_s", "tokens": None}  # fmt: skip
 
 
 def test_zero0_one_rank_matches_zero2_two_ranks(corpus, tmp_path):

@@ -31,18 +31,19 @@ def parse_args() -> argparse.Namespace:
 
 
 def build(cfg, stage: int):
-    """The trainer's model for ZeRO `stage` (what Trainer._build_engine hands to DeepSpeed)."""
+    """The trainer's model for ZeRO `stage` (what the trainer hands to DeepSpeed)."""
     from launcher import distributed as dist
     from launcher.ds_config import build_ds_config
-    from launcher.trainer import Trainer
+    from launcher.engine import build_model
+    from launcher.precision import resolve_precision
     from model import param_groups
 
     cfg = copy.deepcopy(cfg)
     cfg.deepspeed.zero_stage = stage
-    trainer = Trainer(cfg, stop=None)
-    model = trainer._build_model(build_ds_config(cfg, dist.world_size(), trainer.precision))
+    precision = resolve_precision(cfg.train.precision, torch.device("cpu")).name
+    model = build_model(cfg, build_ds_config(cfg, dist.world_size(), precision))
     groups = [[name for name, _ in group] for group in param_groups(model)]
-    return model, groups, trainer.precision
+    return model, groups, precision
 
 
 def check_case(cfg) -> dict:
