@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -231,11 +230,12 @@ def summarize(metrics: Path, tokens_per_step: int) -> dict:
     train = training_rows(metrics)
     if not train:
         return {"note": "error: no training rows in metrics.jsonl"}
-    steady = train[1:] or train  # the first row holds compilation and autotuning
-    tps = statistics.mean(r["tokens_per_sec"] for r in steady)
+    from run.rundir import steady
+
+    tps = steady(train)
     return {
         "tokens_per_sec": tps,
-        "mfu": statistics.mean(r["mfu"] for r in steady),
+        "mfu": steady(train, "mfu"),
         "peak_mem_gb": max(r["mem_gb"] for r in train),
         "step_ms": 1e3 * tokens_per_step / tps,
         "loss": train[-1]["loss"],
@@ -246,6 +246,7 @@ def summarize(metrics: Path, tokens_per_step: int) -> dict:
 def train_one(plan: Plan, config: str, backend: str, compiled: bool, timeout: float) -> dict:
     """One run of launcher.train; its row of the table."""
     from run.config import load_run_config
+    from run.rundir import RunDir
 
     name = f"{Path(config).stem}-{backend}-{'compiled' if compiled else 'eager'}"
     run_dir = plan.work / "runs" / name
@@ -259,13 +260,13 @@ def train_one(plan: Plan, config: str, backend: str, compiled: bool, timeout: fl
     cfg = load_run_config(config, overrides)
     cmd = [sys.executable, "-m", "launcher.train", "--config", config, *overrides]
     log = plan.work / "logs" / f"{name}.log"
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunDir(run_dir).metrics
     last_row_written = lambda: any(r["step"] >= plan.steps for r in training_rows(metrics))
     ok, note, seconds = run_logged(cmd, log, timeout, done=last_row_written)
     if not ok:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         print(f"--- {name}: {note}; the end of {log}:", *tail, sep="\n")
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # GBs on a GPU config
+    shutil.rmtree(RunDir(run_dir).checkpoints, ignore_errors=True)  # GBs on a GPU config
     return {"wall_s": seconds, **measured(metrics, cfg.train.micro_batch_size * cfg.data.seq_len, ok, note)}
 
 

@@ -23,17 +23,25 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
+def staged_folder(out: Path, replace: bool = True) -> Iterator[Path]:
     """An empty folder beside `out` to write into. When the block succeeds it takes the place of
-    `out` (a previous `out` is renamed aside, then deleted); when the block fails it is removed."""
-    tmp, old = (out.with_name(f".{out.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
+    `out` (a previous `out` is renamed aside, then deleted), or, with replace=False, it is
+    dropped if another process made `out` first (its copy is the same); when the block fails
+    it is removed."""
+    tmp, old = temporary_name(out), out.with_name(f".{out.name}.old{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        if out.exists() and not replace:
+            return
         if out.exists():
             out.rename(old)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if replace or not out.exists():
+                raise  # else another process renamed its copy into place first
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

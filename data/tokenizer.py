@@ -8,14 +8,13 @@ export can copy the folder next to the model unchanged.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from core.errors import ConfigError
+from core.files import staged_folder
 
 EOS_TOKEN = "<|endoftext|>"
 """The end-of-text token of trained tokenizers: it separates packed documents."""
@@ -98,9 +97,12 @@ def save_tokenizer(tok: Tokenizer, eos_token: str, folder: Path, max_len: int) -
     """Write tokenizer.json + the transformers config files into `folder` atomically (a
     temporary folder renamed into place); returns the path of tokenizer.json."""
     folder = Path(folder)
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with staged_folder(folder, replace=False) as tmp:  # another process may finish first: same copy
+        _write_tokenizer_files(tok, eos_token, tmp, max_len)
+    return folder / "tokenizer.json"
+
+
+def _write_tokenizer_files(tok: Tokenizer, eos_token: str, tmp: Path, max_len: int) -> None:
     tok.save(str(tmp / "tokenizer.json"))
     vocab = tok.get_vocab(with_added_tokens=True)
     special = {"eos_token": eos_token, "bos_token": eos_token, "unk_token": eos_token}
@@ -117,8 +119,3 @@ def save_tokenizer(tok: Tokenizer, eos_token: str, folder: Path, max_len: int) -
     }
     (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process finished first: keep its identical copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder / "tokenizer.json"

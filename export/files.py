@@ -108,6 +108,24 @@ def write_marker(out: Path, run_dir: Path, ckpt: Checkpoint, precondition: str, 
     (out / MARKER).write_text(json.dumps(info, indent=2) + "\n")
 
 
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(folder: Path, hint: str = "pass a folder written by python -m launcher.export_hf") -> None:
+    """What every command that loads a Hugging Face model folder checks first: a config.json
+    that parses and a weights file (is_export says, further, whether we wrote it)."""
+    if not folder.is_dir():
+        raise ConfigError(f"--model {folder}: no such folder; {hint}")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"--model {folder}: no config.json; {hint}")
+    try:
+        json.loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise ConfigError(f"--model {folder}: config.json is not valid JSON ({e}); {hint}") from None
+    if not any((folder / name).is_file() for name in WEIGHTS):
+        raise ConfigError(f"--model {folder}: no model.safetensors (nor another weights file); {hint}")
+
+
 def is_export(folder: Path) -> bool:
     """True when `folder` holds our marker (so re-exporting may replace it)."""
     try:

@@ -20,8 +20,6 @@ from core.cli import run_main
 from core.config import field_docs
 from core.errors import ConfigError
 
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
 
 @dataclasses.dataclass
 class Sampling:
@@ -71,21 +69,6 @@ def trusted(folder: Path) -> bool:
     from export.files import is_export
 
     return is_export(folder)
-
-
-def check_model_dir(folder: Path) -> None:
-    """A model folder: a config.json that parses and a weights file; checked before loading."""
-    hint = "pass a folder written by python -m launcher.export_hf"
-    if not folder.is_dir():
-        raise ConfigError(f"--model {folder}: no such folder; {hint}")
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"--model {folder}: no config.json; {hint}")
-    try:
-        json.loads((folder / "config.json").read_text())
-    except ValueError as e:
-        raise ConfigError(f"--model {folder}: config.json is not valid JSON ({e}); {hint}") from None
-    if not any((folder / name).is_file() for name in WEIGHTS):
-        raise ConfigError(f"--model {folder}: no model.safetensors (nor another weights file); {hint}")
 
 
 def load_tokenizer(folder: Path):
@@ -138,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     sampling.check()
     if not args.prompt:
         raise ConfigError('--prompt "": empty; pass some text to continue, e.g. --prompt "Once upon a time"')
+    from export.files import check_model_dir
+
     check_model_dir(args.model)
     prompt_ids(load_tokenizer(args.model), args.prompt, max_positions(args.model))  # fail before the slow load
     from transformers.utils import logging

@@ -23,6 +23,7 @@ from core.cli import run_main
 from core.errors import ConfigError
 from export import convert
 from export.consolidate import consolidate
+from export.files import check_model_dir
 from model import ModelConfig, Transformer
 from model.probe import PROBED, probe
 from run.rundir import RunDir
@@ -107,9 +108,10 @@ def load_model(path: Path, untrained: bool = False) -> tuple[Transformer, ModelC
     """An HF export folder or a run directory -> (model in eval mode, its config, metadata)."""
     from run.config import load_run_config
 
-    if (path / "config.json").is_file() and not (path / "model.safetensors").is_file():
-        raise ConfigError(f"--model {path}: config.json but no model.safetensors; pass a complete export or a run dir")
     if (path / "config.json").is_file():
+        check_model_dir(path, hint="pass a complete export or a run directory")
+        if not (path / "model.safetensors").is_file():
+            raise ConfigError(f"--model {path}: the probe reads model.safetensors; re-export with launcher.export_hf")
         if untrained:
             raise ConfigError(f"--untrained needs a run directory; {path} is an HF export")
         from safetensors.torch import load_file

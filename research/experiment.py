@@ -35,7 +35,7 @@ from core.cli import run_main
 from core.config import check_output_path
 from core.errors import ConfigError
 from kernels import PRECONDITIONERS
-from run.rundir import RunDir, tag_for
+from run.rundir import RunDir, steady, tag_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -299,9 +299,7 @@ def collect(run_dir: Path) -> dict:
         raise ConfigError(f"{run_dir}: no metrics.jsonl; train it first (drop --report-only)")
     rows = read_rows(run_dir)
     evals = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    tps = [r["tokens_per_sec"] for r in rows if r.get("tokens_per_sec")]
-    tps = tps[1:] if len(tps) > 1 else tps  # the first row includes start-up
-    out = {"run_dir": str(run_dir), "evals": evals, "tokens_per_sec": sorted(tps)[len(tps) // 2] if tps else None}
+    out = {"run_dir": str(run_dir), "evals": evals, "tokens_per_sec": steady(rows)}
     for which in ("before", "after"):
         path = run_dir / f"cond_{which}.json"
         layers = read_json(path)["layers"] if path.is_file() else []

@@ -19,6 +19,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The longest files first: the two workers take whole files in collection order, and a long
+# file that starts last is waited for alone.
+LONGEST_FIRST = ["test_train.py", "test_export.py", "test_stops.py", "test_elastic.py", "test_experiment.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = Path(str(item.fspath)).name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's own order is kept
+
+
 @pytest.fixture(autouse=True)
 def _restore_global_torch_state():
     """Each test starts from the same seeds and default dtype, and leaves them as it found them."""

@@ -34,3 +34,15 @@ def test_resume_truncation_drops_the_torn_line_and_rows_after_the_checkpoint(tmp
     RunDir(tmp_path).truncate_metrics(after_step=4)
     assert read_metrics(path) == [r for r in rows if r["step"] <= 4]
     assert path.read_text().endswith("\n") and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_steady_throughput_leaves_out_the_start_up_row():
+    """One rule for every reader of tokens/s: the median of the training rows after the first
+    (compilation, autotuning); evaluation rows do not count."""
+    from run.rundir import steady
+
+    rows = [{"step": 1, "tokens_per_sec": 1.0}, {"step": 2, "tokens_per_sec": 40.0}, {"step": 2, "val_loss": 3.0}]
+    rows += [{"step": 3, "tokens_per_sec": 10.0}, {"step": 4, "tokens_per_sec": 20.0}]
+    assert steady(rows) == 20.0
+    assert steady(rows[:1]) == 1.0 and steady([]) is None
+    assert steady(rows + [{"step": 5, "tokens_per_sec": 30.0}]) == 25.0
