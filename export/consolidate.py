@@ -31,6 +31,7 @@ import torch
 
 from core.errors import ConfigError
 from model import ModelConfig, Transformer, param_groups
+from run.pickles import check_folder
 from run.rundir import RunDir
 
 Tensor = torch.Tensor
@@ -129,7 +130,9 @@ def _fp32_weights(folder: Path, states: dict, cfg: ModelConfig) -> dict[str, Ten
 
 
 def consolidate(folder: Path, cfg: ModelConfig) -> Checkpoint:
-    """Load checkpoint `folder` (any ZeRO stage, fp32 or bf16 mode) as fp32 tensors on the CPU."""
+    """Load checkpoint `folder` (any ZeRO stage, fp32 or bf16 mode) as fp32 tensors on the CPU,
+    after checking that its pickles name only what checkpoints hold (run.pickles)."""
+    check_folder(folder)
     states_file = folder / (STAGE3_STATES if (folder / STAGE3_STATES).is_file() else MODEL_STATES)
     states = torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)
     sd = dict(_fp32_weights(folder, states, cfg))

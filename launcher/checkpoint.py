@@ -28,6 +28,7 @@ from core.errors import ConfigError
 from core.files import write_atomic
 from launcher import distributed as dist
 from launcher import faults
+from run.pickles import check_folder
 from run.rundir import TAG_PATTERN, RunDir, tag_for
 
 MANIFEST = "checkpoint.json"
@@ -152,6 +153,7 @@ def check_resume(run: RunDir, zero_stage: int) -> str | None:
         newest = f"write {whole[-1]} (the newest complete checkpoint) into {latest}" if whole else None
         todo = newest or f"remove {latest} to start afresh"
         raise ConfigError(f"{problem}; {todo}")
+    check_folder(run.checkpoint(tag))  # DeepSpeed unpickles it with weights_only=False
     saved_stage = (read_manifest(run.checkpoint(tag)) or {}).get("zero_stage", zero_stage)
     if saved_stage != zero_stage:
         raise ConfigError(
@@ -207,6 +209,11 @@ def universal_copy(run: RunDir, tag: str) -> tuple[Path, bool]:
     made, error = False, None
     if dist.rank() == 0 and not out.is_dir():
         made, error = True, convert_to_universal(run.checkpoint(tag), out)
+    elif dist.rank() == 0:
+        try:
+            check_folder(out)  # made earlier, maybe by someone else
+        except ConfigError as e:
+            error = str(e)
     error = dist.gather_objects(error)[0]  # the other ranks wait here for rank 0's conversion
     if error:
         raise ConfigError(

@@ -1,13 +1,18 @@
 """The nodes of a multi-node launch, checked before any rank starts.
 
     python -m launcher.hosts check --hostfile FILE --out FILE [--num-nodes N] [--slots N] [--ssh]
-    python -m launcher.hosts slurm --out FILE [--num-nodes N] [--slots N]
+                                   [--alive --min-nodes M]
+    python -m launcher.hosts slurm --out FILE [--num-nodes N] [--slots N] [--alive --min-nodes M]
 
 `check` reads a DeepSpeed hostfile (one `hostname slots=N` line per node), keeps its first
 N hosts, checks that each resolves and, with --ssh (the pdsh and OpenMPI launchers), answers
 ssh without a password or a prompt; `slurm` takes the hosts of the Slurm allocation this runs
 in. Both write the hostfile of the launch to --out (slots = --slots when given) and print the
 first host, where rank 0 runs (MASTER_ADDR). A bad input is one line naming it, exit 2.
+
+--alive (before a restart) leaves out, with a line each on stderr, the hosts that do not
+answer (ssh, or Slurm's node state) instead of failing, and fails only when fewer than
+--min-nodes answer.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from core.cli import run_main
 from core.errors import ConfigError
+from core.files import write_atomic
 
 SSH_TIMEOUT_S = 10
 
@@ -78,10 +84,13 @@ def ssh_error(host: str) -> str | None:
     return lines[-1] if lines else f"ssh exit code {proc.returncode}"
 
 
-def check_ssh(hosts: list[str], where: str) -> None:
+def ssh_errors(hosts: list[str]) -> list[str | None]:
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
-        errors = list(pool.map(ssh_error, hosts))
-    for host, error in zip(hosts, errors, strict=True):
+        return list(pool.map(ssh_error, hosts))
+
+
+def check_ssh(hosts: list[str], where: str) -> None:
+    for host, error in zip(hosts, ssh_errors(hosts), strict=True):
         if error:
             raise ConfigError(
                 f"{where}: ssh to {host} failed ({error}); the launcher needs ssh from this node to every host "
@@ -98,10 +107,35 @@ def slurm_hosts() -> list[str]:
     return out.stdout.split()
 
 
+def slurm_node_errors(hosts: list[str]) -> list[str | None]:
+    """Per host, None when Slurm counts the node as up, else its state (DOWN, NOT_RESPONDING, ...)."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T", "-n", ",".join(hosts)], capture_output=True, text=True)
+    states = dict(line.split(maxsplit=1) for line in out.stdout.splitlines() if len(line.split()) == 2)
+    bad = ("down", "drain", "fail", "not_responding", "unknown", "*")
+    errors = []
+    for host in hosts:
+        state = states.get(host, "unknown").lower()
+        errors.append(f"Slurm node state {state}" if any(b in state for b in bad) else None)
+    return errors
+
+
+def answering(hosts: list[tuple[str, int]], errors: list[str | None], min_nodes: int, where: str):
+    """The hosts without an error; a line on stderr for each left out; ConfigError below min_nodes."""
+    kept = []
+    for (host, slots), error in zip(hosts, errors, strict=True):
+        if error:
+            print(f"host {host} does not answer ({error}): leaving it out", file=sys.stderr, flush=True)
+        else:
+            kept.append((host, slots))
+    if len(kept) < min_nodes:
+        names = ",".join(h for h, _ in kept) or "none"
+        answer = f"{len(kept)} of {len(hosts)} hosts answer ({names})"
+        raise ConfigError(f"{where}: {answer}, fewer than MIN_NODES={min_nodes}; not restarting")
+    return kept
+
+
 def write_hostfile(path: str, hosts: list[tuple[str, int]], slots: int | None) -> None:
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text("".join(f"{h} slots={slots or s}\n" for h, s in hosts))
-    tmp.replace(path)
+    write_atomic(path, "".join(f"{h} slots={slots or s}\n" for h, s in hosts))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-nodes", type=int, default=None, help="use the first N nodes (default: all)")
     p.add_argument("--slots", type=int, default=None, help="processes per node (default: the hostfile's)")
     p.add_argument("--ssh", action="store_true", help="check passwordless ssh to every host")
+    p.add_argument("--alive", action="store_true", help="leave out the hosts that do not answer")
+    p.add_argument("--min-nodes", type=int, default=1, help="with --alive: fail below this many hosts")
     args = p.parse_args(argv)
     if args.what == "check":
         if not args.hostfile:
@@ -119,12 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         where = f"HOSTFILE={args.hostfile}"
         hosts = take_nodes(read_hostfile(args.hostfile), args.num_nodes, where)
         check_resolves([h for h, _ in hosts], where)
-        if args.ssh:
+        if args.alive:
+            errors = ssh_errors([h for h, _ in hosts]) if args.ssh else [None] * len(hosts)
+            hosts = answering(hosts, errors, args.min_nodes, where)
+        elif args.ssh:
             check_ssh([h for h, _ in hosts], where)
     else:
         allocated = slurm_hosts()
         where = f"the Slurm allocation ({len(allocated)} node(s): {','.join(allocated)})"
         hosts = take_nodes([(h, 1) for h in allocated], args.num_nodes, where)
+        if args.alive:
+            hosts = answering(hosts, slurm_node_errors([h for h, _ in hosts]), args.min_nodes, where)
     write_hostfile(args.out, hosts, args.slots)
     print(hosts[0][0])
     return 0

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_run_config(args.config, args.overrides)  # validate before starting anything heavy
     check_run_dir(cfg)
     faults.load()
-    stop = StopRequest(RunDir(cfg.train.output_dir))
+    run = RunDir(cfg.train.output_dir)
+    stop = StopRequest(run)
     stop.install()  # a stop during the set-up below exits cleanly at the first step boundary
 
     import warnings
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     from launcher import distributed
 
     distributed.prepare_environment(cfg.train.threads)
+    first = os.environ.get("RANK", "0") == "0"
+    made = False
+    if first and not os.environ.get("PRECOND_RUN_LOCKED"):  # run_pretrain.sh holds it for its stages
+        made = run.hold()
     distributed.init(cfg.train.dist_timeout)
     here = distributed.hosts()[distributed.rank()]
     # one write per line: the ranks of a node share the launcher's stdout
@@ -51,17 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     from launcher.trainer import DivergedError, Trainer
 
+    if first:
+        run.outcome.unlink(missing_ok=True)  # this attempt's own, if it fails
     try:
         return Trainer(cfg, stop).run()
     except DivergedError as e:
         if distributed.rank() == 0:
-            last = RunDir(cfg.train.output_dir).latest_tag() or "none"
-            print(f"error: training diverged: {e}; stopped without saving (latest checkpoint: {last})", file=sys.stderr)
+            last = run.latest_tag() or "none"
+            message = f"training diverged: {e}; stopped without saving (latest checkpoint: {last})"
+            run.record_outcome(restart=False, why=message)
+            print(f"error: {message}", file=sys.stderr)
         return 1
     except ConfigError as e:
         if distributed.rank() == 0:
+            if made:
+                run.forget_if_empty()
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2  # run_pretrain.sh does not restart after exit code 2
     except RuntimeError as e:
         if distributed.timed_out(e):
             message = distributed.timeout_message(cfg.train.dist_timeout)
@@ -69,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             message = distributed.lost_message()
         else:
             raise
+        if distributed.rank() == 0:
+            run.record_outcome(restart=True, why=message)
         print(f"error: rank {distributed.rank()}: {message}", file=sys.stderr, flush=True)
         return 1
 

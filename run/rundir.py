@@ -7,8 +7,11 @@ tokenizer/         the tokenizer the run trained with; tokenizer.json beside it
 checkpoints/       DeepSpeed checkpoints (global_stepN/), `latest` names the newest complete one
 stop               present: the run saves at the next step boundary and exits 0
 hf/                the Hugging Face export
+lock               held (flock) by the one run that uses the directory; names its host and pid
+outcome            why the last training attempt failed, written by rank 0: "restart: WHY"
+                   (a lost rank or node: a restart may help) or "final: WHY" (it would not)
 
-python -m run.rundir RUN_DIR --get latest|stop|export   (for scripts)
+python -m run.rundir RUN_DIR --get latest|latest-step|stop|export|tensorboard|lock|outcome
 """
 
 from __future__ import annotations
@@ -54,6 +57,17 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def steady(rows: list[dict], key: str = "tokens_per_sec") -> float | None:
+    """The median of `key` over the training rows after the first, whose time holds the
+    start-up (compilation, autotuning); None without training rows."""
+    values = [r[key] for r in rows if r.get("tokens_per_sec") and r.get(key) is not None]
+    values = sorted(values[1:] if len(values) > 1 else values)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 class RunDir:
     """Paths and reads of one run directory; nothing else spells its file names."""
 
@@ -68,6 +82,8 @@ class RunDir:
         self.latest_file = self.checkpoints / "latest"
         self.stop_file = self.root / "stop"
         self.export = self.root / "hf"
+        self.lock_file = self.root / "lock"
+        self.outcome = self.root / "outcome"
 
     def latest_tag(self) -> str | None:
         """The tag `checkpoints/latest` names, or None before the first save."""
@@ -102,6 +118,40 @@ class RunDir:
             keep = [row for row in self.rows() if row.get("step", 0) <= after_step]
             write_atomic(self.metrics, "".join(json.dumps(row) + "\n" for row in keep))
 
+    def hold(self) -> bool:
+        """Take the run directory's lock for the life of this process (a process that dies, any
+        way, releases it); True when this made the directory. A ConfigError, with nothing
+        written, when another run holds it."""
+        import fcntl
+        import os
+        import socket
+
+        made = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(
+                f"train.output_dir {self.root}: in use by the run of {holder}; wait for it to end, stop it "
+                f"(touch {self.stop_file}), or use another train.output_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd  # kept open: closing it would release the lock
+        return made
+
+    def forget_if_empty(self) -> None:
+        """Remove the directory when it holds nothing but the lock (a run that wrote nothing)."""
+        if [p.name for p in self.root.iterdir()] == [self.lock_file.name]:
+            self.lock_file.unlink()
+            self.root.rmdir()
+
+    def record_outcome(self, restart: bool, why: str) -> None:
+        write_atomic(self.outcome, f"{'restart' if restart else 'final'}: {why}\n")
+
     def keep_tokenizer(self, tokenizer_dir: Path) -> None:
         """Copy the prepared tokenizer folder to tokenizer/ and its tokenizer.json beside it,
         each under a temporary name first, then renamed into place."""
@@ -113,16 +163,21 @@ class RunDir:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m run.rundir", description="Paths of a run directory, for scripts.")
     p.add_argument("run_dir")
-    p.add_argument("--get", required=True, choices=["latest", "stop", "export", "tensorboard"])
+    what = ["latest", "latest-step", "stop", "export", "tensorboard", "lock", "outcome"]
+    p.add_argument("--get", required=True, choices=what)
     args = p.parse_args(argv)
     run = RunDir(args.run_dir)
-    if args.get == "latest":
+    if args.get == "latest-step":
+        print(run.latest_step())
+    elif args.get == "latest":
         tag = run.latest_tag()
         if tag is None:
             raise ConfigError(f"{run.root}: no checkpoint yet ({run.latest_file} is missing)")
         print(run.checkpoint(tag))
     else:
-        print({"stop": run.stop_file, "export": run.export, "tensorboard": run.tensorboard}[args.get])
+        paths = {"stop": run.stop_file, "export": run.export, "tensorboard": run.tensorboard, "lock": run.lock_file}
+        paths["outcome"] = run.outcome
+        print(paths[args.get])
     return 0
 
 

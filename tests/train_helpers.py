@@ -96,8 +96,10 @@ def run_deepspeed(overrides, ranks: int, port: int, timeout: int = 300, **env_ex
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
-    """Every file (its bytes) and folder (None) under `folder`: to check a command changed nothing."""
-    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+    """Every file (its bytes) and folder (None) under `folder`: to check a command changed nothing.
+    A run directory's `lock` is left out: each run that takes it writes its own host and pid there."""
+    paths = [p for p in sorted(folder.rglob("*")) if p.relative_to(folder) != Path("lock")]
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in paths}
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
