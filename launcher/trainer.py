@@ -109,14 +109,14 @@ class Trainer:
         )
 
     def _prepare_data(self):
-        """Rank 0 prepares (or finds) the data cache while the others wait, then they read it."""
+        """Rank 0 prepares (or finds) the data cache while the others wait, then they read it
+        (quietly: run_pretrain.sh's prepare stage shows the progress)."""
         cfg = self.cfg
         if not self.is_main:
             dist.barrier()
         prepared = prepare_data(
-            cfg.data, model_vocab_size=cfg.model.vocab_size, model_max_seq_len=cfg.model.max_seq_len,
-            progress=self.is_main,
-        )  # fmt: skip
+            cfg.data, model_vocab_size=cfg.model.vocab_size, model_max_seq_len=cfg.model.max_seq_len
+        )
         if self.is_main:
             dist.barrier()
         return prepared
