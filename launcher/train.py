@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_run_config(args.config, args.overrides)  # validate before starting anything heavy
     check_run_dir(cfg)
+    if cfg.log.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("log.wandb=true: the wandb package is not installed; .venv/bin/pip install wandb==0.31.0")
     faults.load()
     run = RunDir(cfg.train.output_dir)
     stop = StopRequest(run)

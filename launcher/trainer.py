@@ -21,7 +21,7 @@ from launcher import distributed as dist
 from launcher.checkpoint import TrainState
 from launcher.ds_config import build_ds_config
 from launcher.engine import Stepper, build_engine, build_model, parameter_count
-from launcher.metrics import MetricsLogger
+from launcher.metrics import MetricsLogger, WandbSink
 from launcher.precision import resolve_precision
 from launcher.stopping import StopRequest
 from model import flops_per_token
@@ -99,6 +99,7 @@ class Trainer:
             self.stream.load_state_dict(data_state)
         self.tokens_per_step = t.global_batch(dist.world_size()) * cfg.data.seq_len
         self.clock = StepClock(self.state.tokens)
+        wandb = WandbSink(self.rundir, cfg.log, cfg.to_dict()) if cfg.log.wandb and self.is_main else None
         self.log = MetricsLogger(
             self.rundir,
             enabled=self.is_main,
@@ -106,6 +107,7 @@ class Trainer:
             progress=cfg.log.progress,
             total=t.max_steps,
             start=self.state.step,
+            wandb=wandb,
         )
 
     def _prepare_data(self):
@@ -168,9 +170,11 @@ class Trainer:
         """Train to max_steps (or until a stop is requested), evaluating, logging and checkpointing."""
         cfg, t, state = self.cfg, self.cfg.train, self.state
         self._print_summary()
-        self.clock.restart(state.tokens)
         last_saved = state.step
         try:
+            if state.step == 0:  # the untrained loss (about ln V): where the curves start
+                self._off_the_clock("eval", self._evaluate_row)
+            self.clock.restart(state.tokens)
             while state.step < t.max_steps and not self._stop_agreed():
                 loss = self.train_step(state.step + 1)
                 state.step += 1

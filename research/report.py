@@ -355,11 +355,13 @@ SENSITIVITY_NATS = 0.1
 
 
 def diverged(run: dict) -> bool:
-    """Training failed, or the final validation loss is NaN/None or above the first evaluated one."""
+    """Training failed, or the final validation loss is NaN/None or above the first one evaluated
+    after training began (runs log the untrained loss at 0 tokens too)."""
     final = final_loss(run)
     if run.get("failed") or final is None or not math.isfinite(final):
         return True
-    return final > run["evals"][0][1]
+    trained = [v for t, v in run["evals"] if t > 0]
+    return final > (trained or [v for _, v in run["evals"]])[0]
 
 
 def point_finals(args, results: dict) -> dict[str, dict[str, dict]]:

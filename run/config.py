@@ -119,6 +119,16 @@ class LogConfig:
     """Show a progress bar on rank 0."""
     conditioning_interval: int = 0
     """Run the conditioning probe every N steps (0 = off); every rank joins the forward pass."""
+    wandb: bool = False
+    """Also log every metrics row to Weights & Biases (rank 0; needs `pip install wandb`)."""
+    wandb_project: str = "precond-lm"
+    """W&B project."""
+    wandb_entity: str = ""
+    """W&B entity (user or team); empty = your default."""
+    wandb_name: str = ""
+    """W&B run name; empty = the run directory's name."""
+    wandb_tags: str = ""
+    """W&B tags, comma-separated."""
 
     def __post_init__(self) -> None:
         check_range("log", "conditioning_interval", self.conditioning_interval, self.conditioning_interval >= 0, ">= 0")

@@ -10,6 +10,7 @@ hf/                the Hugging Face export
 lock               held (flock) by the one run that uses the directory; names its host and pid
 outcome            why the last training attempt failed, written by rank 0: "restart: WHY"
                    (a lost rank or node: a restart may help) or "final: WHY" (it would not)
+wandb_id, wandb/   the Weights & Biases run id (a resume continues that run) and its files
 
 python -m run.rundir RUN_DIR --get latest|latest-step|stop|export|tensorboard|lock|outcome
 """
@@ -84,6 +85,7 @@ class RunDir:
         self.export = self.root / "hf"
         self.lock_file = self.root / "lock"
         self.outcome = self.root / "outcome"
+        self.wandb_id = self.root / "wandb_id"
 
     def latest_tag(self) -> str | None:
         """The tag `checkpoints/latest` names, or None before the first save."""

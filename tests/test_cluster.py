@@ -99,8 +99,8 @@ def check_two_node_run(s: dict, run_dir: Path, output: str, node1_bytes: int, no
     comms = COMMS_LINE.search(output)
     assert comms, output[-3000:]
     assert node1_bytes >= int(comms.group(1)) > 0
-    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert len(events) == 1 and ".node0." in events[0].name  # TensorBoard names the writing host
+    events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(events) == 2 and all(".node0." in e.name for e in events)  # train and val; the writing host
     assert (run_dir / "hf/config.json").is_file()
     ckpt = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == [f"global_step{SAVE}", f"global_step{STEPS}"]

@@ -112,7 +112,7 @@ def test_experiment_runs_and_reports(corpus, tmp_path, capsys, subtests):
         results = json.loads((out / "results.json").read_text())
         assert set(results) == {"none-seed3", "qkv-seed3"}
         run = results["qkv-seed3"]
-        assert [t for t, _ in run["evals"]] == [128, 256] and len(run["cond_after"]) == 2
+        assert [t for t, _ in run["evals"]] == [0, 128, 256] and len(run["cond_after"]) == 2  # 0: the untrained loss
         assert len(run["cond_before"]) == 2 and set(run["cond_after"][0]) == set(PROBED)
         # same seed, same init: the plain-attention numbers before training agree across variants
         assert results["none-seed3"]["cond_before"][0]["O"] == pytest.approx(run["cond_before"][0]["O_plain"])

@@ -74,11 +74,12 @@ def reference(data):
     return losses
 
 
-def tensorboard_steps(run_dir: Path, tag: str = "train/loss") -> list[int]:
-    """The steps of `tag` as TensorBoard's own reader shows them (purged steps dropped)."""
+def tensorboard_steps(run_dir: Path, tag: str = "loss") -> list[int]:
+    """The steps of the training run's `tag` as TensorBoard's own reader shows them (purged
+    steps dropped)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run_dir / "tensorboard/train"), size_guidance={"scalars": 0})
     acc.Reload()
     return [e.step for e in acc.Scalars(tag)]
 
