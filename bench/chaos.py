@@ -15,8 +15,10 @@ twice, and whether every step's loss equals the uninterrupted run's (within 1e-4
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,19 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check)
 
 
+def rank_pids(node: str) -> list[int]:
+    """The training ranks (launcher.train processes) running inside `node`."""
+    pids = []
+    for pid in sh("ip", "netns", "pids", node, check=False).stdout.split():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"launcher.train" in cmdline:
+            pids.append(int(pid))
+    return pids
+
+
 def plan(args: argparse.Namespace) -> list[tuple[int, bool]]:
     """(step, during a save) of each fault: distinct steps, spread over the run, every other
     one at a save step."""
@@ -62,8 +77,12 @@ def plan(args: argparse.Namespace) -> list[tuple[int, bool]]:
 
 
 class Killer(threading.Thread):
-    """Watches the run directory and kills node1 at each planned fault (once per fault, in
-    order), then starts it again after a seeded pause."""
+    """Watches the run directory and, at each planned fault (once per fault, in order), kills
+    node1 (every process in it) and starts it again: after a seeded pause of 1-8 s (back before
+    the restart), or, every third fault, only once the run has gone on without it (3 steps past
+    the kill on node0 alone). While the run is on node0 alone, the fault kills rank 0 instead
+    (a device failure on node0; the script that restarts lives there), and the restart takes
+    node1 back."""
 
     def __init__(self, run_dir: Path, faults: list[tuple[int, bool]], seed: int):
         super().__init__(daemon=True)
@@ -90,10 +109,19 @@ class Killer(threading.Thread):
             step, save = self.faults[0]
             reached = self.reached()
             if reached >= step and (not save or self.in_save(step) or reached > step):
-                sh(CLUSTER, "kill", "node1", check=False)
                 self.done.append((step, reached, save and self.in_save(step)))
                 self.faults.pop(0)
-                time.sleep(self.rng.uniform(1, 8))
+                if not rank_pids("node1"):
+                    for pid in rank_pids("node0"):
+                        os.kill(pid, signal.SIGKILL)
+                    continue
+                sh(CLUSTER, "kill", "node1", check=False)
+                if len(self.done) % 3 == 0:
+                    deadline = time.monotonic() + 300
+                    while self.reached() < reached + 3 and time.monotonic() < deadline and not self.stop:
+                        time.sleep(0.2)
+                else:
+                    time.sleep(self.rng.uniform(1, 8))
                 sh(CLUSTER, "start", "node1", check=False)
             time.sleep(0.05)
 
@@ -125,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             slow = ",".join(f"slow-save@{s}:1" for s, save in faults if save)
             killer = Killer(tmp / "run", faults, args.seed)
             start = time.monotonic()
-            variables = dict(HOSTFILE=tmp / "hosts", MASTER_PORT=29561, MAX_RESTARTS=3 * args.faults, RESTART_WAIT=2)
+            variables = dict(HOSTFILE=tmp / "hosts", MASTER_PORT=29561, MAX_RESTARTS=3 * args.faults, RESTART_WAIT=1)
             proc = pretrain(tmp / "run", corpus, cache, args.steps, args.save_interval, "node0", PRECOND_FAULT=slow,
                             **variables)  # fmt: skip
             killer.start()
@@ -138,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             if ref.returncode:
                 sys.exit(f"the uninterrupted run failed:\n{ref_out[-3000:]}")
             losses, reference = train_losses(tmp / "run"), train_losses(tmp / "ref")
-            restarts = [(int(m[1]), int(m[2]), m[3], int(m[4])) for m in RESTART.findall(output)]
+            restarts = [(int(k), int(step), hosts, int(world)) for k, step, hosts, world in RESTART.findall(output)]
             print(output[-2000:] if proc.returncode else "", end="")
+            for line in output.splitlines():  # what the user saw of each fault
+                if line.startswith(("training failed", "restart ", "host ")):
+                    print(line[:200])
             print_table(args, killer.done, restarts, losses, reference, proc.returncode, seconds)
             return 0 if proc.returncode == 0 else 1
     finally:
@@ -155,7 +186,7 @@ def print_table(args, done, restarts, losses, reference, rc: int, seconds: float
     equal = common == list(range(1, args.steps + 1)) and worst <= 1e-4
     on_one = sum(1 for *_, world in restarts if world == 1)
     print(f"\nchaos soak: {args.steps} steps, save_interval {args.save_interval}, seed {args.seed}, {seconds:.0f} s")
-    print("| faults injected | in a save | restarts | on node0 alone | exit | steps trained twice "
+    print("| faults injected | in a save | restarts | restarts on node0 alone | exit | steps trained twice "
           "| steps logged | max loss diff | losses equal (1e-4) |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print(f"| {len(done)} | {sum(1 for *_, s in done if s)} | {len(restarts)} | {on_one} | {rc} | {retrained} "
