@@ -171,13 +171,21 @@ def _common(q: Tensor, k: Tensor, causal: bool, pre_qk: bool, pre_v: bool) -> di
     )  # fmt: skip
 
 
+def grid(T: int, heads: int, block: str | int):
+    """The 1-D launch grid of cdiv(T, BLOCK) x heads programs (see triton_tiles.program_block);
+    `block` is a size, or the name of the meta-parameter that holds it (autotuned kernels)."""
+    if isinstance(block, int):
+        return (triton.cdiv(T, block) * heads,)
+    return lambda meta: (triton.cdiv(T, meta[block]) * heads,)
+
+
 def _row_scales(x: Tensor, on: bool, eps: float) -> Tensor:
     """The pre-pass: 1/rms of each row of x (B, H, T, D) as fp32 (B*H, T); an empty tensor when off."""
     B, H, T, D = x.shape
     r = torch.empty(B * H if on else 0, T, device=x.device, dtype=torch.float32)
     if on:
         block = 16 if INTERPRET else 64
-        row_scales_kernel[(triton.cdiv(T, block), B * H)](
+        row_scales_kernel[grid(T, B * H, block)](
             x, r, *_strides(x), T, H, eps, D, max(16, triton.next_power_of_2(D)), block
         )  # fmt: skip
     return r
@@ -190,9 +198,8 @@ def _forward(q, k, v, causal, pre_qk, pre_v, row, eps):
     lse = torch.empty(B * Hq, T, device=q.device, dtype=torch.float32)
     ro = torch.empty(B * Hq if row else 0, T, device=q.device, dtype=torch.float32)
     kw = _common(q, k, causal, pre_qk, pre_v)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
-    _launch("fwd", grid, q, k, v, o, lse, ro, rq, rk, rv, *strides, eps=eps, ROW=row, **kw)
+    _launch("fwd", grid(T, B * Hq, "BLOCK_M"), q, k, v, o, lse, ro, rq, rk, rv, *strides, eps=eps, ROW=row, **kw)
     return o, lse, ro, rq, rk, rv
 
 
@@ -203,18 +210,16 @@ def _backward(do, q, k, v, o, lse, ro, rq, rk, rv, causal, pre_qk, pre_v, row):
     delta = torch.empty_like(lse)
     dop = torch.empty_like(o) if row else do  # row: dO w.r.t. the unscaled output
     block = 16 if INTERPRET else 64
-    pre_grid = (triton.cdiv(T, block), B * Hq)
-    preprocess_kernel[pre_grid](
+    preprocess_kernel[grid(T, B * Hq, block)](
         o, do, ro, delta, dop, *_strides(o), *_strides(do), T, Hq, D, kw["BLOCK_D"], block, row
     )  # fmt: skip
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dop))
-    grid_kv = lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * Hkv)
+    grid_kv = grid(T, B * Hkv, "BLOCK_N")
     _launch("dkdv", grid_kv, q, k, v, dop, lse, delta, rq, rk, rv, dk, dv, *strides, Hkv=Hkv, **kw)
-    grid_q = lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * Hq)
-    _launch("dq", grid_q, q, k, v, dop, lse, delta, rq, rk, rv, dq, *strides, **kw)
+    _launch("dq", grid(T, B * Hq, "BLOCK_M"), q, k, v, dop, lse, delta, rq, rk, rv, dq, *strides, **kw)
     return dq, dk, dv
 
 

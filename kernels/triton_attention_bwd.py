@@ -22,6 +22,7 @@ from kernels.triton_tiles import (
     key_bounds,
     load_rows,
     load_scales,
+    program_block,
     program_rows,
     store_rows,
     visible,
@@ -43,7 +44,7 @@ def preprocess_kernel(
     """delta = rowsum(dO' * O') of the pre-epilogue output O' (B*Hq, T) fp32. For ROW,
     O = O' ro, so dO' = ro (dO - O mean(dO O)) is written to DOP (B, Hq, T, D contiguous):
     a gradient, read by both kernels, cheaper than recomputing it in every dk/dv step."""
-    pid_bh, b, hq, offs_m = program_rows(Hq, BLOCK_M)
+    pid_bh, b, hq, offs_m = program_rows(Hq, T, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
     o_MD = load_rows(O + b * so_b + hq * so_h, offs_m, so_t, offs_d, T, D).to(tl.float32)
@@ -97,7 +98,7 @@ def attn_bwd_dkdv_kernel(
 ):  # fmt: skip
     """One program: BLOCK_N key/value rows of one (batch, kv head), all GROUP query heads.
     Writes DK, DV (B, Hkv, T, D contiguous)."""
-    pid_bh, b, hkv, cols = program_rows(Hkv, BLOCK_N)
+    pid_bh, b, hkv, cols = program_rows(Hkv, T, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_ptr = K + b * sk_b + hkv * sk_h
     v_ptr = V + b * sv_b + hkv * sv_h
@@ -107,7 +108,7 @@ def attn_bwd_dkdv_kernel(
     rv_N = load_scales(RV + pid_bh * T, cols, T, PRE_V)
     dk_ND = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv_ND = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    start_n = tl.program_id(0) * BLOCK_N
+    start_n = program_block(T, BLOCK_N)[1] * BLOCK_N
     for g in range(GROUP):
         hq = hkv * GROUP + g
         q_ptr = Q + b * sq_b + hq * sq_h
@@ -175,7 +176,7 @@ def attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (batch, query head). Writes DQ (B, Hq, T, D contiguous)."""
-    pid_bh, b, hq, offs_m = program_rows(Hq, BLOCK_M)
+    pid_bh, b, hq, offs_m = program_rows(Hq, T, BLOCK_M)
     hkv = hq // GROUP
     kv_bh = b * (Hq // GROUP) + hkv
     offs_d = tl.arange(0, BLOCK_D)

@@ -65,7 +65,7 @@ def attn_fwd_kernel(
     """One program: BLOCK_M query rows of one (batch, query head). Last-dim strides are 1.
     Reads the row scales RQ (B*Hq, T), RK and RV (B*Hkv, T) when PRE_QK / PRE_V.
     Writes O (B, Hq, T, D), LSE (B*Hq, T) fp32 log2-domain, RO (B*Hq, T) fp32 when ROW."""
-    pid_bh, b, hq, offs_m = program_rows(Hq, BLOCK_M)
+    pid_bh, b, hq, offs_m = program_rows(Hq, T, BLOCK_M)
     hkv = hq // GROUP
     kv_bh = b * (Hq // GROUP) + hkv
     offs_d = tl.arange(0, BLOCK_D)

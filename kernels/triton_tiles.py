@@ -17,11 +17,22 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def program_rows(H, BLOCK: tl.constexpr):
-    """(pid_bh, batch, head, row offsets) of this program, launched on (T blocks, batch * H heads);
-    pid_bh, batch and head are int64, so every base offset computed from them is."""
-    pid_bh = tl.program_id(1).to(tl.int64)
-    return pid_bh, pid_bh // H, pid_bh % H, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def program_block(T, BLOCK: tl.constexpr):
+    """(pid_bh, row block) of this program. Every kernel is launched on a 1-D grid of
+    cdiv(T, BLOCK) x (batch x heads) programs (`grid` in kernels/triton_attention.py), the row
+    block varying fastest, so the programs of one head run together and share its K and V in
+    L2; grid axis 0 takes 2^31 - 1 programs where axis 1 stops at 65,535."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(T, BLOCK)
+    return (pid // blocks).to(tl.int64), pid % blocks
+
+
+@triton.jit
+def program_rows(H, T, BLOCK: tl.constexpr):
+    """(pid_bh, batch, head, row offsets) of this program; pid_bh, batch and head are int64, so
+    every base offset computed from them is."""
+    pid_bh, block = program_block(T, BLOCK)
+    return pid_bh, pid_bh // H, pid_bh % H, block * BLOCK + tl.arange(0, BLOCK)
 
 
 @triton.jit
@@ -58,7 +69,7 @@ def row_scales_kernel(
 ):  # fmt: skip
     """The pre-pass: R (B*H, T) fp32 = 1/rms of each row of X (B, H, T, D), computed once per
     call, so that the attention loops only scale S, P and dS by loaded vectors."""
-    pid_bh, b, h, rows = program_rows(H, BLOCK_M)
+    pid_bh, b, h, rows = program_rows(H, T, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     x = load_rows(X + b * sx_b + h * sx_h, rows, sx_t, offs_d, T, D).to(tl.float32)
     tl.store(R + pid_bh * T + rows, row_rscale(x, D, eps), mask=rows < T)
@@ -90,7 +101,7 @@ def key_bounds(T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.const
     """(hi_full, hi) for this program's query block: key blocks in [0, hi_full) need no mask,
     those in [hi_full, hi) do (the causal diagonal, or the tail past T)."""
     if CAUSAL:
-        hi_full = tl.program_id(0) * BLOCK_M
+        hi_full = program_block(T, BLOCK_M)[1] * BLOCK_M
         hi = tl.minimum(hi_full + BLOCK_M, T)
     else:
         hi_full = (T // BLOCK_N) * BLOCK_N
