@@ -2,7 +2,8 @@
 package, turns the qk export (a stock Qwen3) into a GGUF whose tensors are the export's and
 whose pre-tokenizer is GPT-2's; the remote-code exports are refused in one line. The logits
 check against transformers runs where llama-cpp-python is installed (a 9-minute build, not
-part of the suite's set-up; docs/export.md has its numbers)."""
+part of the suite's set-up; docs/export.md has its numbers). The conversion itself fetches the
+converter (77 MB) and trains the shared runs: it runs with the extra group."""
 
 from __future__ import annotations
 
@@ -17,8 +18,16 @@ from export import gguf
 from tests.train_helpers import ROOT
 
 
-def test_our_tokenizer_splits_like_gpt2_and_others_are_left_to_the_converter(exports):
-    ours = json.loads((exports["qk"] / "tokenizer.json").read_text())
+def our_tokenizer_json(folder) -> dict:
+    """tokenizer.json of a BPE trained the way data.prepare trains one."""
+    from data.tokenizer import EOS_TOKEN, save_tokenizer, train_bpe
+
+    path = save_tokenizer(train_bpe(["to be or not to be, that is the question"] * 20, 300), EOS_TOKEN, folder, 64)
+    return json.loads(path.read_text())
+
+
+def test_our_tokenizer_splits_like_gpt2_and_others_are_left_to_the_converter(tmp_path):
+    ours = our_tokenizer_json(tmp_path / "tok")
     assert gguf.gpt2_split(ours)
     metaspace = {**ours, "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}
     no_regex = {**ours, "pre_tokenizer": {**ours["pre_tokenizer"], "use_regex": False}}
@@ -27,15 +36,23 @@ def test_our_tokenizer_splits_like_gpt2_and_others_are_left_to_the_converter(exp
 
 
 @pytest.mark.parametrize("name", ["qkv", "row"])
-def test_a_remote_code_export_is_refused_in_one_line(exports, tmp_path, capsys, name):
+def test_a_remote_code_export_is_refused_in_one_line(tmp_path, capsys, name):
+    """What export.convert writes for qkv and row: our architecture and its auto_map."""
+    from export.convert import REMOTE_ARCHITECTURE
+
+    model = tmp_path / "hf"
+    model.mkdir()
+    config = {"architectures": [REMOTE_ARCHITECTURE], "auto_map": {"AutoConfig": "x.Y"}, "precondition": name}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "model.safetensors").write_bytes(b"")
     out = tmp_path / "x.gguf"
-    assert run_main(gguf.main, ["--model", str(exports[name]), "--out", str(out)]) == 2
+    assert run_main(gguf.main, ["--model", str(model), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "llama.cpp has no architecture for" in err and f"precondition={name}" in err
     assert not out.exists()
 
 
-@pytest.mark.slow
+@pytest.mark.extra
 def test_the_qk_export_converts_to_a_gguf_with_its_tensors(exports, tmp_path, capsys):
     """f32 GGUF of the qk export: architecture qwen3, pre-tokenizer gpt-2, the export's
     vocabulary, and the token embedding equal to the export's (llama.cpp's reader: gguf-py)."""

@@ -21,7 +21,13 @@ MAY_IMPORT = {
     "research": {"core", "data", "model", "kernels", "run", "export"},
 }
 # the documented commands that live with another concern: a thin entry each
-THIN_ENTRIES = {"launcher/export_hf.py", "launcher/generate.py", "launcher/conditioning.py", "launcher/experiment.py"}
+THIN_ENTRIES = {
+    "launcher/export_hf.py",
+    "launcher/generate.py",
+    "launcher/conditioning.py",
+    "launcher/experiment.py",
+    "launcher/gguf.py",
+}
 
 
 def imports(path: Path) -> set[str]:

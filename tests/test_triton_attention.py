@@ -265,7 +265,7 @@ def test_cuda_offsets_past_2_31_elements():
     assert err <= 2e-2 * want.float().abs().max().item(), err
 
 
-@pytest.mark.slow
+@pytest.mark.extra
 def test_default_block_shapes_compile_for_h100_and_a100_and_fit_shared_memory():
     """Triton compiles for a GPU target without a GPU (bench/compile_check.py, in a process
     without TRITON_INTERPRET): the default block shape of the forward, dK/dV and dQ kernels,
