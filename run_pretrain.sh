@@ -109,9 +109,7 @@ for var in MAX_RESTARTS MIN_NODES RESTART_WAIT; do
 done
 
 run_dir="$(python -m run.config --config "$config" "$@" --get train.output_dir)" || exit 2
-grad_accum="$(python -m run.config --config "$config" "$@" --get train.grad_accum)" || exit 2
-stop_file="$(python -m run.rundir "$run_dir" --get stop)"
-outcome_file="$(python -m run.rundir "$run_dir" --get outcome)"
+{ read -r stop_file; read -r outcome_file; read -r lock_file; } < <(python -m run.rundir "$run_dir" --get stop outcome lock)
 
 source tools/launch.sh
 made_run_dir=""
@@ -127,7 +125,6 @@ trap 'cleanup_launch; rm -f "$outcome_file"; forget_new_run_dir' EXIT
 # stages, and released when the last of them ends (whatever way). With one launcher per node,
 # the node with NODE_RANK 0 holds it.
 if [ "${NODE_RANK:-0}" = "0" ]; then
-  lock_file="$(python -m run.rundir "$run_dir" --get lock)"
   [ -e "$run_dir" ] || { mkdir -p "$run_dir" && made_run_dir=1; }
   exec 9>>"$lock_file"
   if ! flock -n 9; then
@@ -182,6 +179,7 @@ while :; do
   plan_launch --alive || exit $?  # the hosts that answer now (MIN_NODES at least)
   restart_args=()
   if [ "$launch_world" -ne "$first_world" ]; then  # keep the global batch where it divides
+    grad_accum="${grad_accum:-$(python -m run.config --config "$config" "$@" --get train.grad_accum)}"
     total=$((grad_accum * first_world))
     if [ $((total % launch_world)) -eq 0 ]; then
       restart_args=("train.grad_accum=$((total / launch_world))")

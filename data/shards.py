@@ -69,31 +69,14 @@ def shard_name(ordinal: int, index: int) -> str:
     return f"s{ordinal:02d}_{index:05d}"
 
 
-@dataclass(frozen=True)
 class ShardFiles:
     """The files of one shard: training tokens, document ends, held-out tokens and its record."""
 
-    folder: Path
-    name: str
-
-    def _file(self, suffix: str) -> Path:
-        return self.folder / f"{self.name}{suffix}"
-
-    @property
-    def tokens(self) -> Path:
-        return self._file(".tokens.npy")
-
-    @property
-    def docs(self) -> Path:
-        return self._file(".docs.npy")
-
-    @property
-    def val(self) -> Path:
-        return self._file(".val.npy")
-
-    @property
-    def record(self) -> Path:
-        return self._file(".json")
+    def __init__(self, folder: Path, name: str):
+        self.tokens = folder / f"{name}.tokens.npy"
+        self.docs = folder / f"{name}.docs.npy"
+        self.val = folder / f"{name}.val.npy"
+        self.record = folder / f"{name}.json"
 
 
 def save_npy(path: Path, array: np.ndarray) -> bytes:

@@ -128,7 +128,7 @@ class WandbSink:
         )
 
     def log(self, step: int, row: dict) -> None:
-        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
         self.run.log(numbers, step=step)
 
     def close(self) -> None:

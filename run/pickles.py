@@ -6,7 +6,7 @@ someone hands you could run `os.system`. `check_folder` reads every pickle of a 
 `pickletools` (which parses, never executes) and refuses a global outside ALLOWED with a
 ConfigError naming the file and the global. ALLOWED is what DeepSpeed 0.19 and this project
 write into checkpoints of ZeRO stages 0-3 in fp32 and bf16, their universal copies and the
-client state (tests/test_checkpoint_safety.py derives it again from real checkpoints).
+client state (tests/test_export.py checks it against the fixture runs' real checkpoints).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from core.errors import ConfigError
 
-# module -> names allowed from it: what real checkpoints hold (tests/test_checkpoint_safety.py
-# lists them again from the fixture runs), plus the other tensor storages and numpy's old name
+# module -> names allowed from it: what real checkpoints hold (tests/test_export.py checks the
+# fixture runs against it), plus the other tensor storages and numpy's old name
 _STORAGES = {
     f"{kind}Storage" for kind in ("Byte", "Char", "Short", "Int", "Long", "Half", "Float", "Double", "BFloat16", "Bool")
 }

@@ -12,7 +12,8 @@ outcome            why the last training attempt failed, written by rank 0: "res
                    (a lost rank or node: a restart may help) or "final: WHY" (it would not)
 wandb_id, wandb/   the Weights & Biases run id (a resume continues that run) and its files
 
-python -m run.rundir RUN_DIR --get latest|latest-step|stop|export|tensorboard|lock|outcome
+python -m run.rundir RUN_DIR --get WHAT [WHAT ...]   (latest, latest-step, stop, export,
+                                                      tensorboard, lock, outcome; a line each)
 """
 
 from __future__ import annotations
@@ -166,20 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m run.rundir", description="Paths of a run directory, for scripts.")
     p.add_argument("run_dir")
     what = ["latest", "latest-step", "stop", "export", "tensorboard", "lock", "outcome"]
-    p.add_argument("--get", required=True, choices=what)
+    p.add_argument("--get", required=True, nargs="+", choices=what, help="one line each, in order")
     args = p.parse_args(argv)
     run = RunDir(args.run_dir)
-    if args.get == "latest-step":
-        print(run.latest_step())
-    elif args.get == "latest":
-        tag = run.latest_tag()
-        if tag is None:
-            raise ConfigError(f"{run.root}: no checkpoint yet ({run.latest_file} is missing)")
-        print(run.checkpoint(tag))
-    else:
-        paths = {"stop": run.stop_file, "export": run.export, "tensorboard": run.tensorboard, "lock": run.lock_file}
-        paths["outcome"] = run.outcome
-        print(paths[args.get])
+    paths = {"stop": run.stop_file, "export": run.export, "tensorboard": run.tensorboard, "lock": run.lock_file}
+    paths["outcome"] = run.outcome
+    for what in args.get:
+        if what == "latest-step":
+            print(run.latest_step())
+        elif what == "latest":
+            tag = run.latest_tag()
+            if tag is None:
+                raise ConfigError(f"{run.root}: no checkpoint yet ({run.latest_file} is missing)")
+            print(run.checkpoint(tag))
+        else:
+            print(paths[what])
     return 0
 
 
