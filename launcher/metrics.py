@@ -31,12 +31,12 @@ RUNS = ("train", "val")
 
 def scalar_tag(key: str) -> tuple[str, str] | None:
     """The TensorBoard (run, tag) of a metrics.jsonl key, None when it is not plotted: TAGS,
-    NAME_seconds as time/NAME_seconds, the probe's cond/... as probe/...."""
+    NAME_seconds as time/NAME_seconds, the probe's cond/... and logit/... as probe/...."""
     if key in TAGS:
         return TAGS[key]
     if key.endswith("_seconds"):
         return "train", f"time/{key}"
-    if key.startswith("cond/"):
+    if key.startswith(("cond/", "logit/")):  # probe/layer0/O, probe/logit/layer0/max
         return "train", f"probe/{key.removeprefix('cond/')}"
     return None
 

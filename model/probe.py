@@ -7,6 +7,9 @@ Per layer and head, for each sequence of a batch of validation windows, in float
     Q, Q_plain    queries as they enter the softmax (T, E), with / without C_Q
     K, K_plain    keys as they enter the softmax (T, E) per key/value head, with / without C_K
     A, A_plain    causal attention probabilities (T, T), with / without the preconditioner
+The in-training probe also logs each layer's largest attention logit (q . k / sqrt(E) as the
+softmax sees it: after the preconditioner, causal positions only), the reading Wortsman et al.
+(2023) follow for attention-logit growth at high learning rates.
 kappa = sigma_max / sigma_min; a numerically singular matrix (sigma_min <= sigma_max * max(m, n)
 * float64 eps, numpy's matrix_rank tolerance) has kappa = inf. Each head's number is the median
 over the batch. O and O_plain are both recomputed in float64 from the captured q, k, v (O
@@ -48,12 +51,25 @@ def condition_numbers(m: Tensor) -> Tensor:
     return torch.where(smin > tol, smax / smin.clamp_min(torch.finfo(torch.float64).tiny), math.inf)
 
 
-def _softmax_causal(q_BHTE: Tensor, k_BHTE: Tensor) -> Tensor:
-    """Causal attention probabilities (B, H, T, T) in float64."""
+def _logits_causal(q_BHTE: Tensor, k_BHTE: Tensor) -> Tensor:
+    """Attention logits (B, H, T, T), -inf above the diagonal."""
     T, E = q_BHTE.shape[-2], q_BHTE.shape[-1]
     scores = q_BHTE @ k_BHTE.transpose(-1, -2) / math.sqrt(E)
     mask = torch.ones(T, T, dtype=torch.bool, device=q_BHTE.device).triu(1)
-    return scores.masked_fill(mask, -math.inf).softmax(-1)
+    return scores.masked_fill(mask, -math.inf)
+
+
+def _softmax_causal(q_BHTE: Tensor, k_BHTE: Tensor) -> Tensor:
+    """Causal attention probabilities (B, H, T, T) in float64."""
+    return _logits_causal(q_BHTE, k_BHTE).softmax(-1)
+
+
+def max_logit(q: Tensor, k: Tensor, precondition: str, eps: float) -> float:
+    """The largest attention logit over the batch, heads and causal positions, in float64, with
+    the model's preconditioner; q (B, H, T, E), k (B, K, T, E) after RoPE."""
+    q, k = q.double(), k.double()
+    qp, kp, _ = get_preconditioner(precondition).before(q, k, k, eps)
+    return _logits_causal(qp, kp.repeat_interleave(q.shape[1] // k.shape[1], dim=1)).max().item()
 
 
 def attention_matrices(q: Tensor, k: Tensor, v: Tensor, precondition: str, eps: float) -> dict[str, Tensor]:
@@ -126,16 +142,24 @@ def layer_medians(layers: list[dict]) -> dict[str, float]:
     return {f"cond/layer{i}/{n}": float(np.median(h[n])) for i, h in enumerate(layers) for n in PROBED}
 
 
+def layer_max_logits(store: dict, cfg: ModelConfig) -> dict[str, float]:
+    """TensorBoard tags: "logit/layer{i}/max" -> the layer's largest attention logit."""
+    return {
+        f"logit/layer{i}/max": max_logit(*store[i][:2], cfg.precondition, cfg.precondition_eps) for i in sorted(store)
+    }
+
+
 def probe_during_training(engine_or_module, batch_BT: Tensor, cfg, autocast: Callable | None = None) -> dict:
     """The in-training probe. Call on EVERY rank (ZeRO-3 gathers parameters collectively) with
     the same small fixed batch of input ids (B, T), e.g. `val[:2, :-1]`; cfg is the RunConfig
     (or its ModelConfig); autocast a zero-argument callable returning the training autocast
     context. One forward pass under no_grad with the hooks installed, then removed; the
-    training state is untouched. Returns tag -> value on rank 0 ({} elsewhere); inf means singular."""
+    training state is untouched. Returns tag -> value on rank 0 ({} elsewhere): the condition
+    numbers (inf means singular) and each layer's largest attention logit."""
     mcfg = getattr(cfg, "model", cfg)
     params = list(engine_or_module.parameters())
     device = params[0].device if params else batch_BT.device
     store = capture_forward(engine_or_module, batch_BT.to(device), autocast)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return {}
-    return layer_medians(layer_kappas(store, mcfg))
+    return layer_medians(layer_kappas(store, mcfg)) | layer_max_logits(store, mcfg)

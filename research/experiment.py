@@ -282,11 +282,12 @@ def run_all(args: argparse.Namespace, runs: list[Run]) -> None:
 
 # ---- collecting what the runs logged -------------------------------------------------------
 def logged_conditioning(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] of the in-training probe, from the "cond/..." keys of metrics.jsonl."""
+    """tag -> [(step, value)] of the in-training probe, from the "cond/..." (condition numbers)
+    and "logit/..." (largest attention logit) keys of metrics.jsonl."""
     series: dict[str, list] = {}
     for r in rows:
         for k, v in r.items():
-            if k.startswith("cond/") and v is not None:
+            if k.startswith(("cond/", "logit/")) and v is not None:
                 series.setdefault(k, []).append((r["step"], float(v)))
     return series
 

@@ -97,13 +97,23 @@ def np_matrices(q, k, v, precondition: str, eps: float) -> dict[str, np.ndarray]
     return dict(O=o, O_plain=o_plain, Q=qn, Q_plain=q, K=kn, K_plain=k, A=probs(qn, kn), A_plain=probs(q, k))
 
 
+def np_max_logit(q, k) -> float:
+    """The largest causal logit q . k / sqrt(E) of every (sequence, head), numpy float64."""
+    B, H, T, E = q.shape
+    g = H // k.shape[1]
+    causal = np.tril(np.ones((T, T), dtype=bool))
+    return max((q[b, h] @ k[b, h // g].T / np.sqrt(E))[causal].max() for b in range(B) for h in range(H))
+
+
 def np_tags(store: dict, precondition: str, eps: float) -> dict[str, float]:
     """The in-training probe's tags from captured (q, k, v, o): numpy kappas, median over the
-    batch, then over heads."""
+    batch, then over heads; the largest attention logit of each layer."""
     tags = {}
     for i in sorted(store):
-        for name, m in np_matrices(*store[i][:3], precondition, eps).items():
+        mats = np_matrices(*store[i][:3], precondition, eps)
+        for name, m in mats.items():
             tags[f"cond/layer{i}/{name}"] = float(np.median(np.median(np.linalg.cond(m), axis=0)))
+        tags[f"logit/layer{i}/max"] = float(np_max_logit(mats["Q"], mats["K"]))
     return tags
 
 
@@ -135,7 +145,8 @@ def test_probe_leaves_the_model_unchanged(precondition):
         torch.testing.assert_close(probe.attention_matrices(q, k, v, precondition, 1e-6)["O"].float(), o)
     tags = probe.probe_during_training(model, x, tiny_cfg(precondition=precondition))
     assert tags == pytest.approx(np_tags(store, precondition, 1e-6), rel=1e-8)
-    assert set(tags) == {f"cond/layer{i}/{n}" for i in range(2) for n in PROBED}
+    logits = {f"logit/layer{i}/max" for i in range(2)}
+    assert set(tags) == {f"cond/layer{i}/{n}" for i in range(2) for n in PROBED} | logits
     assert model.training and not any(m._forward_hooks for m in model.modules())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -151,7 +162,7 @@ def test_probe_under_bf16_autocast():
     store = probe.capture_forward(model, x, autocast)
     assert {t.dtype for t in store[0]} == {torch.bfloat16}
     tags = probe.probe_during_training(model, x, cfg, autocast)
-    assert tags == pytest.approx(np_tags(store, "qkv", 1e-6), rel=1e-8) and len(tags) == 16
+    assert tags == pytest.approx(np_tags(store, "qkv", 1e-6), rel=1e-8) and len(tags) == 16 + 2
 
 
 def test_report_writes_inf_as_a_string(tmp_path):
@@ -244,5 +255,5 @@ def test_in_training_probe_does_not_change_training(tmp_path):
         logged = logged_conditioning(read_rows(run))
         assert bool(logged) == (interval > 0), sorted(logged)[:4]
     assert losses[0] == losses[2] and len(losses[0]) == 8
-    assert {"cond/layer0/O", "cond/layer1/A_plain"} <= set(logged)
+    assert {"cond/layer0/O", "cond/layer1/A_plain", "logit/layer1/max"} <= set(logged)
     assert [step for step, _ in logged["cond/layer0/O"]] == [2, 4, 6, 8]

@@ -204,10 +204,12 @@ def test_metrics_keys_map_to_one_tensorboard_tag_each():
     """One metrics dict feeds both sinks: each logged key has its TensorBoard tag (or none)."""
     from launcher.metrics import scalar_tag
 
-    tags = {k: scalar_tag(k) for k in ("loss", "val_loss", "eval_seconds", "cond/layer0/kappa_s", "tokens")}
+    keys = ("loss", "val_loss", "eval_seconds", "cond/layer0/kappa_s", "logit/layer0/max", "tokens")
+    tags = {k: scalar_tag(k) for k in keys}
     assert tags == {"loss": ("train", "loss"), "val_loss": ("val", "loss"),
                     "eval_seconds": ("train", "time/eval_seconds"),
-                    "cond/layer0/kappa_s": ("train", "probe/layer0/kappa_s"), "tokens": None}  # fmt: skip
+                    "cond/layer0/kappa_s": ("train", "probe/layer0/kappa_s"),
+                    "logit/layer0/max": ("train", "probe/logit/layer0/max"), "tokens": None}  # fmt: skip
 
 
 def test_zero0_one_rank_matches_zero2_two_ranks(corpus, tmp_path):
