@@ -21,7 +21,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import sys
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -36,7 +35,7 @@ from core.errors import ConfigError
 from core.files import write_atomic
 from data.config import DataConfig
 from data.corpus import CorpusPass, format_stats, resolve_sources, source_fingerprint
-from data.shards import ShardJob, ShardWriter, save_npy, token_dtype
+from data.shards import ShardJob, ShardWriter, save_npy, token_dtype, usable_cores
 from data.sources import SourceSpec
 from data.tokenizer import EOS_TOKEN, load_tokenizer, open_tokenizer, save_tokenizer, train_bpe
 
@@ -147,8 +146,8 @@ def cache_key(cfg: DataConfig, specs: list[SourceSpec]) -> str:
 
 
 def default_workers() -> int:
-    """All the cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """All the cores this process may run on (each worker's tokenizer then runs one thread)."""
+    return usable_cores()
 
 
 def prepare_data(

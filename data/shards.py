@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import signal
 from collections import deque
 from collections.abc import Iterator
@@ -110,8 +111,21 @@ def _load_tokenizer(tokenizer_path: str):
     return _tokenizer[1]
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def tokenizer_threads(workers: int) -> int:
+    """Each worker's share of the cores for the tokenizer's own threads: `encode_batch` runs on a
+    thread pool as wide as the machine, so N workers with all the threads each would fight
+    over the cores (and be slower than one worker)."""
+    return max(1, usable_cores() // workers)
+
+
+def _init_worker(tokenizer_path: str, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the tokenizer first starts its pool
     _load_tokenizer(tokenizer_path)
 
 
@@ -159,7 +173,7 @@ class _Done:
 
 
 class _Inline:
-    """workers=1: tokenise in this process, as a pool of one would."""
+    """workers=1: tokenise in this process, as a pool of one would (the tokenizer on every core)."""
 
     def submit(self, job: ShardJob, piece: Piece) -> _Done:
         return _Done(tokenize_piece(job, piece))
@@ -174,7 +188,8 @@ class _Pool:
 
         # spawn, not fork: the caller may be a training rank with threads of its own
         ctx = multiprocessing.get_context("spawn")
-        self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path),))
+        init = (str(tokenizer_path), tokenizer_threads(workers))
+        self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=init)
 
     def submit(self, job: ShardJob, piece: Piece):
         return self.pool.apply_async(tokenize_piece, (job, piece))

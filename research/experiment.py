@@ -11,16 +11,19 @@ or with --sweep once per (point, variant, seed) into runs/experiments/NAME/POINT
 the points are the cross product of the swept values (e.g. lr=0.001). Runs go seed by seed (a
 sweep cut short has every point at the first seeds), --jobs at a time, each with its share of
 the cores; a run that already finished is skipped, an unfinished one resumes from its
-checkpoint. --variant-set gives one variant its own setting (e.g. each variant at its best
-learning rate from a sweep). Then the probe (research.conditioning) measures the step-0 and the
-final model of each run (not for a sweep, which reports losses), and docs/experiments/NAME/
-gets README.md (tables), results.json and PNG plots (sweep.png for a sweep).
+checkpoint, and one recorded as finished in the report's results.json with the same settings
+(trained on another machine, say) is taken from there. --variant-set gives one variant its own
+setting (e.g. each variant at its best learning rate from a sweep). Then the probe
+(research.conditioning) measures the step-0 and the final model of each run (not for a sweep,
+which reports losses), and docs/experiments/NAME/ gets README.md (tables), results.json and
+PNG plots (sweep.png for a sweep).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import re
 import shlex
@@ -188,6 +191,21 @@ class Run:
     max_steps: int
     overrides: list[str] = field(default_factory=list)  # the sweep point's, then the variant's own
     failed: bool = False
+    reported: dict | None = None  # its finished result in the report's results.json, when not on disk
+
+
+def settings(args: argparse.Namespace, run: Run) -> list[str]:
+    """What a run's result depends on besides its variant and seed: the config and every override."""
+    return [str(args.config), *args.overrides, *run.overrides]
+
+
+def reported_results(args: argparse.Namespace) -> dict[str, dict]:
+    """The runs the report in --out-dir already holds as finished (results.json), by name."""
+    path = args.out_dir / args.name / "results.json"
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    return {name: r for name, r in raw.items() if not r.get("unfinished") and "settings" in r}
 
 
 def plan(args: argparse.Namespace, cfg) -> list[Run]:
@@ -195,6 +213,7 @@ def plan(args: argparse.Namespace, cfg) -> list[Run]:
     from run.config import load_run_config
 
     runs = []
+    reported = reported_results(args)
     for seed in args.seeds:
         for point in args.points or [None]:
             for variant in args.variants:
@@ -205,7 +224,11 @@ def plan(args: argparse.Namespace, cfg) -> list[Run]:
                     steps = load_run_config(args.config, [*args.overrides, *base, *own]).train.max_steps
                 key = (variant, seed) if point is None else (point["name"], variant, seed)
                 folder = f"{variant}-seed{seed}" if point is None else f"{point['name']}/{variant}-seed{seed}"
-                runs.append(Run(key, variant, seed, args.runs_dir / args.name / folder, steps, [*base, *own]))
+                run = Run(key, variant, seed, args.runs_dir / args.name / folder, steps, [*base, *own])
+                entry = reported.get(folder)  # results.json names a run by its folder
+                if entry and entry["settings"] == settings(args, run) and not finished(run.run_dir, steps):
+                    run.reported, run.failed = entry, bool(entry.get("failed"))
+                runs.append(run)
     return runs
 
 
@@ -256,6 +279,9 @@ def run_one(args: argparse.Namespace, run: Run) -> None:
     if finished(run.run_dir, run.max_steps):
         print(f"skip {run.run_dir}: already finished", flush=True)
         return
+    if run.reported:
+        print(f"skip {run.run_dir}: finished in {args.out_dir / args.name / 'results.json'}", flush=True)
+        return
     print(f"train {run.variant} seed {run.seed} {' '.join(run.overrides)} -> {run.run_dir}", flush=True)
     try:
         secs = train_one(args, run)
@@ -271,7 +297,7 @@ def run_all(args: argparse.Namespace, runs: list[Run]) -> None:
     """Train every run, --jobs at a time (with --report-only, only note which ones failed)."""
     if args.report_only:
         for run in runs:
-            run.failed = (run.run_dir / FAILED).is_file()
+            run.failed = bool(run.reported.get("failed")) if run.reported else (run.run_dir / FAILED).is_file()
     else:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda run: run_one(args, run), runs))
@@ -332,14 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.points:
-        results = {run.key: collect_sweep(run) for run in runs}
+        results = {run.key: run.reported or collect_sweep(run) | {"settings": settings(args, run)} for run in runs}
     else:  # the finished runs, probed; the others (--report-only while they train) are left out and counted
-        done = [run for run in runs if finished(run.run_dir, run.max_steps)]
+        done = [run for run in runs if run.reported or finished(run.run_dir, run.max_steps)]
         if not done:
             raise ConfigError(f"{args.name}: none of its {len(runs)} runs has finished; train them first")
         for run in done:
-            probe_run(run.run_dir, args.probe_batch)
-        results = {run.key: collect(run.run_dir) for run in done}
+            if not run.reported:
+                probe_run(run.run_dir, args.probe_batch)
+        results = {run.key: run.reported or collect(run.run_dir) | {"settings": settings(args, run)} for run in done}
     given = [a for a in (argv or sys.argv[1:]) if a != "--report-only"]  # the command that trains them
     command = "python -m launcher.experiment " + " ".join(shlex.quote(a) for a in given)
     out = write_report(args.out_dir / args.name, cfg, args, results, command, total=len(runs))

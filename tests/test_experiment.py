@@ -243,8 +243,9 @@ def test_sweep_sensitivity_and_tokens_to_target():
 
 @pytest.mark.slow
 def test_sweep_runs_and_reports(corpus, tmp_path, capsys, subtests):
-    """Three passes over one sweep, each a subtest: the runs (two at once) and their report, a
-    second pass that skips the finished runs, and --report-only after a run failed."""
+    """Four passes over one sweep, each a subtest: the runs (two at once) and their report, a
+    second pass that skips the finished runs, a third with the runs gone but the report there,
+    and --report-only after a run failed."""
     glob, cache = corpus
     extra = {"train.max_steps": 2, "train.eval_interval": 1, "train.save_interval": 2, "train.warmup_steps": 1}
     over = tiny_overrides(glob, cache, tmp_path / "unused", **extra)
@@ -272,6 +273,16 @@ def test_sweep_runs_and_reports(corpus, tmp_path, capsys, subtests):
         capsys.readouterr()
         assert experiment.main(argv) == 0
         assert capsys.readouterr().out.count("already finished") == 4
+    with subtests.test("runs not on disk come from the report's results.json when their settings match"):
+        before = json.loads((out / "results.json").read_text())
+        at = argv.index("--runs-dir") + 1
+        moved = [*argv[:at], str(tmp_path / "elsewhere"), *argv[at + 1 :]]  # as on another machine
+        capsys.readouterr()
+        assert experiment.main(moved) == 0
+        assert capsys.readouterr().out.count("finished in") == 4 and not (tmp_path / "elsewhere").exists()
+        assert json.loads((out / "results.json").read_text()) == before
+        args = experiment.parse_args([*moved, "train.grad_clip=0.5"])
+        assert not any(run.reported for run in experiment.plan(args, experiment.check_args(args)))
     with subtests.test("--report-only after a run failed: marked on disk, counted as diverged"):
         (tmp_path / "runs" / "sw" / "lr=0.003" / "qkv-seed1" / experiment.FAILED).write_text("training failed\n")
         assert experiment.main([*argv, "--report-only"]) == 0
@@ -313,3 +324,52 @@ def test_bad_variant_set_or_jobs_is_a_one_line_error(capsys, extra, words):
     assert experiment.run_main(experiment.main, argv) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1
+
+
+def fake_run(final: float, logits: tuple[float, float] = (3.0, 5.0)) -> dict:
+    """A finished sweep run as results.json holds it: three evaluations, one layer's largest
+    logit logged at steps 50 and 100 (`logits`), kappa(O) 7 at the end."""
+    logged = {"logit/layer0/max": [[50, logits[0]], [100, logits[1]]], "cond/layer0/O": [[50, 9.0], [100, 7.0]]}
+    return {"evals": [[0, 8.3], [100, 6.0], [200, final]], "cond_logged": logged, "failed": False}
+
+
+def test_width_report_across_sweeps(tmp_path, capsys):
+    """Two widths from three sweeps (d256's lr 0.002 replaced by a later sweep): best lr, LR
+    sensitivity (a diverged point counts as ln V), the trend and the logit reading, by hand."""
+    from research import width
+
+    nan = (math.nan, math.nan)
+    finals = {  # width -> (lr, variant) -> final loss of seeds 1 and 2
+        128: {(0.001, "none"): (4.0, 4.2), (0.002, "none"): (4.5, 4.5), (0.001, "qk"): (4.3, 4.3),
+              (0.002, "qk"): (4.0, 4.0)},
+        256: {(0.001, "none"): nan, (0.002, "none"): (9.9, 9.9), (0.001, "qk"): (4.1, 4.1), (0.002, "qk"): (4.2, 4.2)},
+    }  # fmt: skip
+    for w, sweep in finals.items():
+        runs = {f"lr={lr:g}/{v}-seed{s}": fake_run(x[s - 1]) for (lr, v), x in sweep.items() for s in (1, 2)}
+        (tmp_path / f"d{w}").mkdir()
+        (tmp_path / f"d{w}" / "results.json").write_text(json.dumps(runs))
+    later = {f"lr=0.002/none-seed{s}": fake_run(4.0, logits=(6.0, 2.0)) for s in (1, 2)}
+    (tmp_path / "d256b").mkdir()
+    (tmp_path / "d256b" / "results.json").write_text(json.dumps(later))
+    argv = ["--config", str(ROOT / "configs/lr-sweep-cpu.yaml"), "--name", "w", "--reports", str(tmp_path)]
+    argv += ["--out-dir", str(tmp_path / "out"), "--width", "128=d128", "--width", "256=d256,d256b"]
+    assert width.main(argv) == 0
+    data = json.loads((tmp_path / "out" / "w" / "summary.json").read_text())
+    d128, d256 = data["widths"]["128"]["variants"], data["widths"]["256"]["variants"]
+    assert (d128["none"]["best_lr"], d128["qk"]["best_lr"], d256["none"]["best_lr"]) == (0.001, 0.002, 0.002)
+    assert d128["none"]["sensitivity"] == pytest.approx(0.2) and d128["qk"]["sensitivity"] == pytest.approx(0.15)
+    assert d256["none"]["sensitivity"] == pytest.approx((math.log(4096) + 4.0) / 2 - 4.0)  # lr 0.001 diverged
+    assert d256["none"]["probe"]["logit_end"]["mean"] == 2.0 and d256["none"]["probe"]["logit_peak"]["mean"] == 6.0
+    assert d256["qk"]["probe"]["logit_end"]["mean"] == 5.0 and d256["qk"]["probe"]["kappa_O_end"]["mean"] == 7.0
+    readme = (tmp_path / "out" / "w" / "README.md").read_text()
+    assert "`none`: LR sensitivity d128 0.200, d256 2.159 nats: grows with width." in readme
+    assert "`qk`: LR sensitivity d128 0.150, d256 0.050 nats: shrinks with width." in readme
+    assert "from `d256`, `d256b`" in readme and "From `d256b`: `lr=0.002/none`; the rest from `d256`." in readme
+    assert "model.d_model=256 model.n_heads=4 model.n_kv_heads=2" in readme
+    for png in ("loss_vs_lr.png", "sensitivity.png"):
+        assert (tmp_path / "out" / "w" / png).read_bytes()[:8] == PNG, png
+    capsys.readouterr()
+    from core.cli import run_main
+
+    assert run_main(width.main, [*argv[:-4], "--width", "100=d128", "--width", "256=d256"]) == 2
+    assert "--width 100: expected a multiple of 128" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -81,6 +82,29 @@ def test_workers_do_not_change_the_shards(shard_corpus, tmp_path):
     two = prepare_data(cfg.__class__(**{**vars(cfg), **given}), workers=2)
     assert [s["sha256"] for s in two.shards] == [s["sha256"] for s in prepared.shards]
     assert torch.equal(validation_windows(two), validation_windows(prepared))
+
+
+def test_workers_share_the_cores_with_the_tokenizer_threads(shard_corpus):
+    """Each worker's tokenizer runs cores // workers threads (its pool is as wide as the machine
+    otherwise, and N such workers fight over the cores); the setting bounds the pool for real."""
+    from data.shards import _Pool, tokenizer_threads, usable_cores
+
+    _, prepared, _ = shard_corpus
+    pool = _Pool(2, prepared.tokenizer_path)
+    try:
+        assert pool.pool.apply(os.getenv, ("RAYON_NUM_THREADS",)) == str(max(1, usable_cores() // 2))
+    finally:
+        pool.close()
+    assert tokenizer_threads(1) == usable_cores() and tokenizer_threads(usable_cores() + 1) == 1
+    count = (
+        "import os, sys; from data.tokenizer import open_tokenizer; "
+        "open_tokenizer(sys.argv[1]).encode_batch(['to be or not to be'] * 2000); "
+        "print(len(os.listdir('/proc/self/task')))"
+    )
+    env = {**os.environ, "RAYON_NUM_THREADS": "1"}
+    env.pop("TOKENIZERS_PARALLELISM", None)
+    out = subprocess.run([sys.executable, "-c", count, str(prepared.tokenizer_path)], env=env, capture_output=True)
+    assert out.stdout.decode().strip() == "2", out  # the main thread and one tokenizer thread
 
 
 def test_an_interrupted_preparation_keeps_its_finished_shards(shard_corpus, tmp_path):
