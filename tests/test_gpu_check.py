@@ -2,11 +2,14 @@
 
 `bash bench/gpu_check.sh --dry` runs the same stages as on a GPU (the CUDA tests, which skip here,
 the attention table, real training runs of configs/gpu-125m.yaml shrunk to a tiny model) and
-must leave the log and both tables under $OUT, whatever a row or stage does.
+must leave the log and both tables under $OUT, whatever a row or stage does. The script's plan
+(environment, order, budget of each stage) is checked in a second with a stand-in interpreter
+that records how it is called.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,9 +31,11 @@ def test_dry_run_writes_the_log_and_both_tables(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["attention.json", "attention.md", "gpu_check.log", "train.json", "train.md"]
+    assert names == ["attention.json", "attention.md", "gpu_check.log", "tests.xml", "train.json", "train.md"]
     log = (out / "gpu_check.log").read_text()
     assert "gpu_check: tests exit 0, attention exit 0, training exit 0" in log
+    versions = next(line for line in log.splitlines() if line.startswith("python "))
+    assert all(f" {name} " in versions for name in ("deepspeed", "omegaconf", "datasets", "huggingface_hub"))
     assert log == proc.stdout  # the log is everything the call printed
 
     attention = json.loads((out / "attention.json").read_text())["rows"]
@@ -47,6 +52,87 @@ def test_dry_run_writes_the_log_and_both_tables(tmp_path):
     body = [line for line in table if line.startswith("| gpu-125m |")]
     assert len(body) == 3 and all(line.count("|") == 10 for line in body)
     assert [line.split(" | ")[1] for line in body] == ["triton", "sdpa", "flash"]
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "${HF_HUB_OFFLINE:-} ${HF_DATASETS_OFFLINE:-} ${TRITON_ATTN_AUTOTUNE:--} $*" >>"$FAKE_LOG"
+[ "$1" = - ] && [ -n "${FAKE_IMPORTS_FAIL:-}" ] && { echo "gpu_check: deepspeed does not import: X"; exit 1; }
+exit 0
+"""
+
+
+def run_script(tmp_path, *args, **env_vars):
+    """bench/gpu_check.sh with a stand-in python that records each call (offline vars, autotune,
+    arguments) in tmp/calls and succeeds at once; (process, recorded calls, seconds)."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "HF_", "TRITON_"))}
+    env.update(OUT=str(tmp_path / "out"), GPU_CHECK_WORK=str(tmp_path / "work"), PYTHON=str(fake))
+    env.update(FAKE_LOG=str(tmp_path / "calls"), GPU_CHECK_WHEELS=str(wheels), **env_vars)
+    start = time.monotonic()
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    return proc, calls, time.monotonic() - start
+
+
+def test_without_wheels_the_dry_run_stops_at_once_with_one_line(tmp_path):
+    """.whl/ missing: one line naming it and how to make it, no stage run (training least of all)."""
+    proc, calls, seconds = run_script(tmp_path, "--dry", PYTHON=sys.executable)
+    assert proc.returncode == 2 and seconds < 10 and proc.stderr == ""
+    assert len(proc.stdout.splitlines()) == 1, proc.stdout
+    line = proc.stdout.strip()
+    assert line.startswith(f"gpu_check: error: no wheels in {tmp_path / 'wheels'}/ for deepspeed omegaconf")
+    assert "bash tools/gpu_wheels.sh" in line and line.endswith("nothing was run")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["gpu_check.log"]
+    assert (tmp_path / "out" / "gpu_check.log").read_text() == proc.stdout
+
+
+def test_each_stage_runs_offline_in_turn_with_its_tiles_and_share_of_the_budget(tmp_path):
+    """GPU_CHECK_LIMIT=300 (the call's timeout_s) leaves 260 s: tests 22%, attention 30/78 of the
+    rest, training the rest less 15 s; the corpus is prepared after the tests, not beside them."""
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / "a-1-py3-none-any.whl").write_text("")
+    proc, calls, _ = run_script(tmp_path, GPU_CHECK_LIMIT="300")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(at 0 s of 260)" in proc.stdout
+    assert all(c.startswith("1 1 ") for c in calls), calls  # HF_HUB_OFFLINE, HF_DATASETS_OFFLINE
+    pip, imports, tests, prepare, attention, train = (c.split(" ", 3)[2:] for c in calls)
+    assert pip[1].startswith("-m pip install") and pip[1].endswith("a-1-py3-none-any.whl")
+    assert imports == ["-", "- torch triton deepspeed omegaconf pydantic datasets"]
+    assert tests[0] == "0" and "-m pytest -v -rA -m cuda" in tests[1]
+    assert f"--junitxml={tmp_path / 'out' / 'tests.xml'}" in tests[1]
+    assert "--prepare-only" in prepare[1]
+    budget = lambda call: int(re.search(r"--budget (\d+)", call).group(1))
+    assert attention[0] == "1" and "-m bench.attention" in attention[1] and 73 <= budget(attention[1]) <= 75
+    assert train[0] == "0" and "-m bench.train_backends" in train[1] and 243 <= budget(train[1]) <= 245
+
+
+def test_a_training_stack_that_does_not_import_skips_training_only(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / "a-1-py3-none-any.whl").write_text("")
+    proc, calls, _ = run_script(tmp_path, FAKE_IMPORTS_FAIL="1")
+    assert proc.returncode == 1
+    assert "gpu_check: deepspeed does not import: X" in proc.stdout
+    assert "gpu_check: the training stage is skipped" in proc.stdout
+    assert [c.split()[4] for c in calls[2:]] == ["pytest", "bench.attention"]  # after pip and the import check
+
+
+def test_the_budget_follows_the_call_limit_and_a_capped_test_run_is_tallied(tmp_path):
+    log = tmp_path / "pytest.log"
+    log.write_text(
+        "tests/test_a.py::test_x[1] \n"  # started, not finished when the cap hit
+        "[gw0] [ 16%] PASSED tests/test_a.py::test_x[0] \n"
+        "[gw1] [ 33%] FAILED tests/test_a.py::test_x[2] \n"
+        "tests/test_b.py::test_y SKIPPED (needs a CUDA GPU)                [ 50%]\n"
+        "PASSED tests/test_a.py::test_x[0]\n"  # the summary's lines are not counted again
+    )
+    script = f"source bench/gpu_check.sh; default_budget; LIMIT=300; default_budget; tally {log}; tally /dev/null"
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.stdout.splitlines() == ["540", "260", "1 passed, 1 failed, 1 skipped", "no test finished"]
 
 
 def test_each_compiled_run_follows_its_eager_one_and_the_table_orders_them():
