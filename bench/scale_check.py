@@ -76,7 +76,7 @@ def worker(args: argparse.Namespace, config: str) -> None:
     phases["model built"] = memory_gib()
     engine, scheduler = build_engine(cfg, model, ds_config, device)
     phases["engine built"] = memory_gib()
-    train_step = Stepper(cfg, engine, scheduler, stream, device, precision)
+    train_step = Stepper(cfg, engine, scheduler, stream, device)
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
         loss = train_step(step)

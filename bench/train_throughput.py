@@ -4,9 +4,12 @@ with torch AdamW, at identical dimensions, batch, sequence length and precision.
     python bench/train_throughput.py [--config configs/tiny.yaml] [--rounds 5] [--steps 5]
 
 Runs every variant in turn, round after round (so drift of the machine hits all), and prints
-tokens/s of each and its ratio to the eager reference. Variants: ours without and with the
-preconditioner, ours compiled (train.compile=true), and the reference eager and compiled, so a
-compiled number is never compared with an eager one only. Single process, ZeRO stage 0.
+tokens/s of each, its ratio to the eager reference and its MFU against the bf16 (or fp32)
+matmul peak measured here first. Variants: ours with the default preconditioner (`qk`) and
+without, ours compiled (train.compile=true), and the reference eager and compiled, so a
+compiled number is never compared with an eager one only. Then what train.compile costs: the
+compile time (the compiled variant's warm-up less the eager one's) and the steps it takes to
+repay it. Single process, ZeRO stage 0 (bf16: autocast over fp32 weights, as the trainer runs it).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def build_ours(cfg):
     device, name = torch.device("cpu"), precision(cfg)
     ds_config = build_ds_config(cfg, dist.world_size(), name)
     engine, scheduler = build_engine(cfg, build_model(cfg, ds_config), ds_config, device)
-    stepper = Stepper(cfg, engine, scheduler, RandomWindows(cfg.model.vocab_size, cfg.data.seq_len), device, name)
+    stepper = Stepper(cfg, engine, scheduler, RandomWindows(cfg.model.vocab_size, cfg.data.seq_len), device)
     return lambda: stepper(1)
 
 
@@ -92,6 +95,14 @@ def timed(step, n: int) -> float:
     return time.perf_counter() - start
 
 
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of the fastest of `reps` (n x n) @ (n x n) products on this process's threads."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = min(timed(lambda: a @ b, 1) for _ in range(reps))
+    return 2 * n**3 / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
@@ -101,20 +112,25 @@ def main() -> None:
     args = parser.parse_args()
 
     from launcher import distributed
+    from model.transformer import flops_per_token
     from run.config import load_run_config
 
     cfg = load_run_config(args.config, ["train.output_dir=runs/bench", "log.progress=false", *args.overrides])
     distributed.prepare_environment(cfg.train.threads)
     distributed.init(cfg.train.dist_timeout)
+    peak = matmul_peak(torch.bfloat16 if precision(cfg) == "bf16" else torch.float32)
+    default = cfg.model.precondition
     variants = {}
-    for precondition, compiled in (("none", False), ("qkv", False), ("qkv", True)):
+    for precondition, compiled in (("none", False), (default, False), (default, True)):
         over = ["train.output_dir=runs/bench", f"model.precondition={precondition}", f"train.compile={compiled}"]
         c = load_run_config(args.config, [*over, *args.overrides])
         variants[f"ours ({precondition}{', compiled' if compiled else ''})"] = build_ours(c)
     variants["transformers Llama"] = build_reference(cfg)
     variants["transformers Llama (compiled)"] = build_reference(cfg, compiled=True)
+    warmup = {}
     for name, step in variants.items():  # warm-up (and the compile, timed)
-        print(f"warm-up {name}: {timed(step, 2):.1f} s", flush=True)
+        warmup[name] = timed(step, 2)
+        print(f"warm-up {name}: {warmup[name]:.1f} s", flush=True)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len * args.steps
     results = {name: [] for name in variants}
     for _ in range(args.rounds):
@@ -122,15 +138,27 @@ def main() -> None:
             results[name].append(tokens / timed(step, args.steps))
     ref = statistics.median(results["transformers Llama"])
     m, t = cfg.model, cfg.train
+    flops = flops_per_token(m, cfg.data.seq_len)
     print(
         f"model d_model={m.d_model} layers={m.n_layers} heads={m.n_heads}/{m.n_kv_heads} vocab={m.vocab_size}; "
         f"batch {t.micro_batch_size} x {cfg.data.seq_len}; {precision(cfg)}; threads {torch.get_num_threads()}; "
-        f"median of {args.rounds} rounds x {args.steps} steps"
+        f"median of {args.rounds} rounds x {args.steps} steps; {precision(cfg)} matmul peak {peak / 1e9:.0f} GFLOP/s"
     )
-    print(f"{'variant':<30} {'tokens/s':>10} {'min':>10} {'max':>10} {'vs reference':>13}")
+    print(f"{'variant':<30} {'tokens/s':>10} {'min':>10} {'max':>10} {'vs reference':>13} {'MFU':>7}")
     for name, vals in results.items():
         med = statistics.median(vals)
-        print(f"{name:<30} {med:>10.0f} {min(vals):>10.0f} {max(vals):>10.0f} {med / ref:>12.2f}x")
+        mfu = med * flops / peak
+        print(f"{name:<30} {med:>10.0f} {min(vals):>10.0f} {max(vals):>10.0f} {med / ref:>12.2f}x {mfu:>6.1%}")
+    eager, compiled = f"ours ({default})", f"ours ({default}, compiled)"
+    step_eager = tokens / args.steps / statistics.median(results[eager])
+    step_compiled = tokens / args.steps / statistics.median(results[compiled])
+    compile_s = warmup[compiled] - warmup[eager]
+    saved = step_eager - step_compiled
+    repaid = f"after {compile_s / saved:.0f} steps" if saved > 0 else "never (the compiled step is not faster)"
+    print(
+        f"train.compile: compile {compile_s:.1f} s, step {step_eager * 1e3:.0f} -> {step_compiled * 1e3:.0f} ms: "
+        f"repaid {repaid}"
+    )
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ names the newest tag; `checkpoints/<tag>/` holds `mp_rank_00_model_states.pt` (Z
 with the client state) or `zero_pp_rank_0_mp_rank_00_model_states.pt` (ZeRO-3), plus
 `*_optim_states.pt` files for ZeRO 1-3.
 
-The export takes the fp32 weights: in bf16 mode (launcher/ds_config.py) the module holds bf16
-copies and the fp32 master weights live with the optimizer.
+The export takes the fp32 weights: in DeepSpeed's bf16 mode (ZeRO 1-3, launcher/ds_config.py)
+the module holds bf16 copies and the fp32 master weights live with the optimizer.
 
 - ZeRO 1-3: DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` merges the fp32
   partitions (`zero_pp_rank_*`, or `bf16_zero_pp_rank_*` in bf16 mode).
@@ -14,9 +14,10 @@ copies and the fp32 master weights live with the optimizer.
   converter does not read: each holds its rank's slice of the flat fp32 groups
   (`single_partition_of_fp32_groups`) and which parameter fragments it holds
   (`param_slice_mappings`); concatenated in rank order they give each parameter.
-- ZeRO-0: fp32 mode: the `module` entry is the fp32 state dict. bf16 mode: DeepSpeed's
-  bf16 optimizer without ZeRO (FP16_UnfusedOptimizer) saves its fp32 copies under
-  `optimizer.fp32_groups`, one list per param group, in the order of launcher.optim's groups.
+- ZeRO-0: the `module` entry is the fp32 state dict (fp32, and bf16, which trains under
+  autocast over fp32 weights). Checkpoints written before that, in DeepSpeed's bf16 mode
+  without ZeRO (FP16_UnfusedOptimizer), hold the fp32 copies under `optimizer.fp32_groups`,
+  one list per param group, in the order of launcher.optim's groups: read from there.
 """
 
 from __future__ import annotations

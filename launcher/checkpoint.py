@@ -84,8 +84,15 @@ def save(engine, run: RunDir, train: TrainState, config: dict, data_state: dict,
     faults.maybe_kill("sigkill-save", step, dist.rank())
     dist.barrier()
     if dist.rank() == 0:
+        mode = (
+            "bf16 autocast"
+            if engine.torch_autocast_enabled()
+            else "bf16 weights"
+            if engine.bfloat16_enabled()
+            else "fp32"
+        )
         write_manifest(
-            run.checkpoint(tag), step, dist.world_size(), engine.zero_optimization_stage(), state["global_batch"]
+            run.checkpoint(tag), step, dist.world_size(), engine.zero_optimization_stage(), state["global_batch"], mode
         )
         run.set_latest(tag)
         prune(run, keep_last)
@@ -93,11 +100,14 @@ def save(engine, run: RunDir, train: TrainState, config: dict, data_state: dict,
     return tag
 
 
-def write_manifest(folder: Path, step: int, world_size: int, zero_stage: int, global_batch: int) -> None:
+def write_manifest(
+    folder: Path, step: int, world_size: int, zero_stage: int, global_batch: int, precision_mode: str = "fp32"
+) -> None:
     """Record what a complete checkpoint holds: every file with its size, and the world size, ZeRO
-    stage and global batch (windows per step) that wrote it."""
+    stage, global batch (windows per step) and precision mode (launcher.ds_config) that wrote it."""
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     record = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "global_batch": global_batch}
+    record["precision_mode"] = precision_mode
     record["files"] = files
     write_atomic(folder / MANIFEST, json.dumps(record, indent=1) + "\n")
 
@@ -133,7 +143,7 @@ def complete_tags(run: RunDir) -> list[str]:
     return [tag for tag in run.tags() if damage(run.checkpoint(tag)) is None]
 
 
-def check_resume(run: RunDir, zero_stage: int) -> str | None:
+def check_resume(run: RunDir, zero_stage: int, precision_mode: str | None = None) -> str | None:
     """The tag a run in `run.checkpoints` resumes from (None for a fresh run), after checking, before
     anything is loaded or written, that it can: a ConfigError says what is wrong and what to do.
     The world size is checked by `plan_resume`, once the data pipeline is known."""
@@ -154,11 +164,19 @@ def check_resume(run: RunDir, zero_stage: int) -> str | None:
         todo = newest or f"remove {latest} to start afresh"
         raise ConfigError(f"{problem}; {todo}")
     check_folder(run.checkpoint(tag))  # DeepSpeed unpickles it with weights_only=False
-    saved_stage = (read_manifest(run.checkpoint(tag)) or {}).get("zero_stage", zero_stage)
+    manifest = read_manifest(run.checkpoint(tag)) or {}
+    saved_stage = manifest.get("zero_stage", zero_stage)
     if saved_stage != zero_stage:
         raise ConfigError(
             f"{run.checkpoint(tag)}: written under ZeRO stage {saved_stage}; "
             f"resume with deepspeed.zero_stage={saved_stage}"
+        )
+    saved_mode = manifest.get("precision_mode", precision_mode)  # older manifests do not say
+    if precision_mode and saved_mode != precision_mode:
+        raise ConfigError(
+            f"{run.checkpoint(tag)}: written in precision mode {saved_mode!r}, this run would train in "
+            f"{precision_mode!r} (another CPU or GPU picks another train.precision=auto); resume with "
+            f"train.precision={saved_mode.split()[0]}"
         )
     return tag
 

@@ -15,20 +15,35 @@ from run.config import RunConfig
 ZERO3_DEFAULTS = {"sub_group_size": 50_000_000}
 
 
-def deepspeed_clips(cfg: RunConfig, precision: str) -> bool:
-    """True when DeepSpeed wraps the optimizer (ZeRO, or bf16 mode's fp32 master weights), so
-    it clips and reports the gradient norm; a plain fp32 optimizer without ZeRO does neither."""
-    return cfg.deepspeed.zero_stage > 0 or precision == "bf16"
+def precision_mode(zero_stage: int, precision: str) -> str:
+    """How a run computes in `precision` (the resolved train.precision) at `zero_stage`:
+    - "fp32";
+    - "bf16 autocast" (ZeRO-0): fp32 weights, gradients and AdamW, the forward under
+      torch.autocast (bf16 matmuls), gradients all-reduced in bf16. Nothing is sharded, so bf16
+      weights would only add master-weight copies and bf16 elementwise work: on one rank of a
+      2-core CPU the step is about 13% cheaper this way (docs/benchmarks.md);
+    - "bf16 weights" (ZeRO 1-3): DeepSpeed's bf16 mode, bf16 parameters and gradients (the
+      collectives that shard them move half the bytes) with fp32 master weights and AdamW state.
+    Checkpoints of the two bf16 modes differ, so a run resumes only in the mode that wrote it."""
+    if precision == "fp32":
+        return "fp32"
+    return "bf16 autocast" if zero_stage == 0 else "bf16 weights"
+
+
+def deepspeed_clips(cfg: RunConfig) -> bool:
+    """True when DeepSpeed wraps the optimizer (ZeRO), so it clips and reports the gradient norm;
+    a plain optimizer without ZeRO (fp32 or bf16 autocast) does neither."""
+    return cfg.deepspeed.zero_stage > 0
 
 
 def precision_config(cfg: RunConfig, precision: str) -> dict:
-    """bf16: DeepSpeed's bf16 mode (bf16 parameters, gradients and collectives; fp32 master
-    weights and optimizer state). ZeRO 1-3 accumulate gradients in fp32; without ZeRO,
-    DeepSpeed 0.19.8 refuses bf16 parameters with fp32 accumulation ("unsupported mix"), so
-    ZeRO-0 accumulates in bf16 (its fp32 master weights still take every update)."""
-    bf16 = precision == "bf16"
-    out = {"bf16": {"enabled": bf16}, "fp16": {"enabled": False}}
-    if bf16 and cfg.deepspeed.zero_stage > 0:
+    """The DeepSpeed keys of precision_mode. ZeRO 1-3 accumulate bf16 gradients in fp32."""
+    mode = precision_mode(cfg.deepspeed.zero_stage, precision)
+    out = {"bf16": {"enabled": mode == "bf16 weights"}, "fp16": {"enabled": False}}
+    if mode == "bf16 autocast":
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        out["communication_data_type"] = "bf16"
+    if mode == "bf16 weights":
         out["data_types"] = {"grad_accum_dtype": "fp32"}
     return out
 
@@ -42,7 +57,7 @@ def generated_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         # when DeepSpeed does not clip, the trainer does, to measure the norm DeepSpeed would not report
-        "gradient_clipping": t.grad_clip if deepspeed_clips(cfg, precision) else 0.0,
+        "gradient_clipping": t.grad_clip if deepspeed_clips(cfg) else 0.0,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         **precision_config(cfg, precision),
         "zero_allow_untested_optimizer": True,

@@ -57,9 +57,9 @@ class Stepper:
     the learning rate it used and `grad_norm` the global gradient norm before clipping, decided
     here alone: DeepSpeed's when it clips, else measured (and clipped) here."""
 
-    def __init__(self, cfg: RunConfig, engine, scheduler, stream, device: torch.device, precision: str):
+    def __init__(self, cfg: RunConfig, engine, scheduler, stream, device: torch.device):
         self.cfg, self.engine, self.scheduler, self.stream, self.device = cfg, engine, scheduler, stream, device
-        self.deepspeed_clips = deepspeed_clips(cfg, precision)
+        self.deepspeed_clips = deepspeed_clips(cfg)
         self.lr: float | None = None
         self.grad_norm: float | None = None
 
@@ -69,14 +69,14 @@ class Stepper:
         total = torch.zeros((), device=self.device)
         for _ in range(t.grad_accum):
             batch_BT = self.stream.next_batch(t.micro_batch_size).to(self.device, non_blocking=True)
-            loss = self.engine(batch_BT[:, :-1], batch_BT[:, 1:]).loss  # bf16 mode: bf16 weights, fp32 loss
+            loss = self.engine(batch_BT[:, :-1], batch_BT[:, 1:]).loss  # fp32 in every precision mode
             if faults.due("nan", step, dist.rank()):
                 loss = loss * float("nan")
             self.engine.backward(loss)
             boundary = self.engine.is_gradient_accumulation_boundary()
             if boundary:
                 self.lr = self.scheduler.get_last_lr()[0]  # engine.step() moves the schedule on
-                if not self.deepspeed_clips:  # DeepSpeed reports no norm for fp32 without ZeRO
+                if not self.deepspeed_clips:  # DeepSpeed reports no norm without ZeRO
                     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
                     self.grad_norm = torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), clip).item()
             self.engine.step()

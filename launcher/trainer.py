@@ -19,7 +19,7 @@ from kernels import resolve_backend
 from launcher import checkpoint, faults, memory
 from launcher import distributed as dist
 from launcher.checkpoint import TrainState
-from launcher.ds_config import build_ds_config
+from launcher.ds_config import build_ds_config, precision_mode
 from launcher.engine import Stepper, build_engine, build_model, parameter_count
 from launcher.metrics import MetricsLogger, WandbSink
 from launcher.precision import resolve_precision
@@ -27,6 +27,13 @@ from launcher.stopping import StopRequest
 from model import flops_per_token
 from run.config import RunConfig, save_run_config
 from run.rundir import RunDir
+
+PRECISION_NOTES = {
+    "fp32": "",
+    "bf16 autocast": ", torch autocast over fp32 weights (ZeRO-0), gradients all-reduced in bf16",
+    "bf16 weights": ", DeepSpeed bf16 mode: fp32 master weights",
+}
+"""What the run summary adds to the precision line, by launcher.ds_config.precision_mode."""
 
 # Dense bf16 peak FLOP/s per device for MFU; CPU: measured on the 2-core development machines.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "cpu-bf16": 1.0e12, "cpu-fp32": 0.23e12}
@@ -75,7 +82,8 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.precision_choice = resolve_precision(t.precision, self.device)
         self.precision = self.precision_choice.name
-        resume_tag = checkpoint.check_resume(self.rundir, cfg.deepspeed.zero_stage)
+        zero = cfg.deepspeed.zero_stage
+        resume_tag = checkpoint.check_resume(self.rundir, zero, precision_mode(zero, self.precision))
         self.prepared = self._prepare_data()
         self.stream = training_batches(
             self.prepared,
@@ -92,7 +100,7 @@ class Trainer:
         universal = bool(self.resume and self.resume.universal)
         ds_config = build_ds_config(cfg, dist.world_size(), self.precision, load_universal=universal)
         self.engine, scheduler = build_engine(cfg, build_model(cfg, ds_config), ds_config, self.device)
-        self.train_step = Stepper(cfg, self.engine, scheduler, self.stream, self.device, self.precision)
+        self.train_step = Stepper(cfg, self.engine, scheduler, self.stream, self.device)
         self.state = TrainState()
         if self.resume:
             self.state, data_state = checkpoint.load(self.engine, self.rundir, self.resume)
@@ -296,7 +304,7 @@ class Trainer:
             f"parallelism     world size {dist.world_size()}, ZeRO stage {c.deepspeed.zero_stage} on "
             f"{self.device.type}" + (", torch.compile" if c.train.compile else ""),
             f"precision       {self.precision} ({self.precision_choice.reason})"
-            + (", DeepSpeed bf16 mode: fp32 master weights" if self.precision == "bf16" else ""),
+            + PRECISION_NOTES[precision_mode(c.deepspeed.zero_stage, self.precision)],
             f"model states    {states}" + (", activation checkpointing" if c.train.activation_checkpointing else ""),
             f"steps           {self.state.step} -> {c.train.max_steps}",
         ]

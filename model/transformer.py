@@ -49,10 +49,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, 
     return emb.cos().float(), emb.sin().float()
 
 
-def apply_rope(x_BHTE: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
-    half = x_BHTE.shape[-1] // 2
-    rotated = torch.cat((-x_BHTE[..., half:], x_BHTE[..., :half]), dim=-1)
-    return (x_BHTE * cos_TE + rotated * sin_TE).to(x_BHTE.dtype)
+def apply_rope(x_BTNE: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
+    """RoPE on N heads (B, T, N, E) as the projection lays them out, so that q and k take one call."""
+    half = x_BTNE.shape[-1] // 2
+    rotated = torch.cat((-x_BTNE[..., half:], x_BTNE[..., :half]), dim=-1)
+    return (x_BTNE * cos_TE[:, None] + rotated * sin_TE[:, None]).to(x_BTNE.dtype)
 
 
 class HeadAttention(nn.Module):
@@ -80,12 +81,12 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: Tensor, cos_TE: Tensor, sin_TE: Tensor) -> Tensor:
         B, T, _ = x_BTD.shape
-        E = self.head_dim
-        q, k, v = self.qkv_proj(x_BTD).split([self.n_heads * E, self.n_kv * E, self.n_kv * E], dim=-1)
-        q_BHTE = apply_rope(q.view(B, T, self.n_heads, E).transpose(1, 2), cos_TE, sin_TE)
-        k_BKTE = apply_rope(k.view(B, T, self.n_kv, E).transpose(1, 2), cos_TE, sin_TE)
-        o_BHTE = self.attend(q_BHTE, k_BKTE, v.view(B, T, self.n_kv, E).transpose(1, 2))
-        return self.o_proj(o_BHTE.transpose(1, 2).reshape(B, T, self.n_heads * E))
+        H, K = self.n_heads, self.n_kv
+        qkv_BTNE = self.qkv_proj(x_BTD).view(B, T, H + 2 * K, self.head_dim)  # heads: H of q, K of k, K of v
+        qk_BTNE = apply_rope(qkv_BTNE[:, :, : H + K], cos_TE, sin_TE)
+        q_BHTE, k_BKTE = qk_BTNE[:, :, :H].transpose(1, 2), qk_BTNE[:, :, H:].transpose(1, 2)
+        o_BHTE = self.attend(q_BHTE, k_BKTE, qkv_BTNE[:, :, H + K :].transpose(1, 2))
+        return self.o_proj(o_BHTE.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
 
 class MLP(nn.Module):

@@ -66,7 +66,8 @@ STANDARD_SPECS = [
 ]
 
 
-# bf16 mode at the stages whose fp32 master weights sit in different places (see export/consolidate.py)
+# bf16 where the fp32 weights sit in different places (see export/consolidate.py): ZeRO-0 under
+# autocast (the module), ZeRO-1 and ZeRO-3 in DeepSpeed's bf16 mode (the optimizer's masters)
 BF16_SPECS = [
     RunSpec("bf16-zero0", zero_stage=0, precision="bf16"),
     RunSpec("bf16-zero1", zero_stage=1, precision="bf16", tie_embeddings=False, ranks=2),

@@ -108,7 +108,7 @@ def test_rope_rotates_pairs_by_position_times_frequency(theta):
 
     x = torch.randn(2, 3, 32, 16, dtype=torch.float64)
     cos, sin = rope_tables(16, 40, theta)
-    y = apply_rope(x, cos[:32].double(), sin[:32].double())
+    y = apply_rope(x.transpose(1, 2), cos[:32].double(), sin[:32].double()).transpose(1, 2)  # takes (B, T, H, E)
     # the tables are fp32: angles are exact to ~1e-7, so 1e-5 leaves room and a wrong sign or frequency does not
     np.testing.assert_allclose(y.numpy(), rope_float64(x.numpy(), theta), rtol=0, atol=1e-5)
 

@@ -89,8 +89,14 @@ def test_a_run_with_only_damaged_checkpoints_says_to_start_afresh(trained, tmp_p
     [
         (_truncated, {}, f"{MODEL_FILE}: truncated"),
         (None, {"deepspeed.zero_stage": 1}, "written under ZeRO stage 0; resume with deepspeed.zero_stage=0"),
+        (
+            None,
+            {"train.precision": "bf16"},
+            "written in precision mode 'fp32', this run would train in 'bf16 autocast' (another CPU or GPU picks "
+            "another train.precision=auto); resume with train.precision=fp32",
+        ),
     ],
-    ids=["truncated-shard", "another-zero-stage"],
+    ids=["truncated-shard", "another-zero-stage", "another-precision"],
 )
 def test_launcher_train_refuses_before_touching_the_run(trained, tmp_path, damage, extra, expected):
     run_dir = tmp_path / "run"

@@ -347,26 +347,30 @@ def test_two_rank_runs_hold_one_partition_per_rank(runs):
 
 
 def bf16_held_out_loss(run_dir: Path, weights: dict[str, torch.Tensor]) -> float:
-    """What the live engine computes in bf16 mode on the validation windows: bf16 parameters
-    (the buffers, RoPE's tables, stay fp32 as DeepSpeed keeps them), the loss in fp32."""
+    """What the live engine computes in bf16 on the validation windows: ZeRO-0 the fp32 weights
+    under autocast; ZeRO 1-3 (DeepSpeed's bf16 mode) bf16 parameters (the buffers, RoPE's
+    tables, stay fp32 as DeepSpeed keeps them). The loss in fp32."""
     cfg = load_run_config(run_dir / "config.yaml")
     prepared = prepare_data(cfg.data, model_vocab_size=cfg.model.vocab_size, model_max_seq_len=cfg.model.max_seq_len)
     val = validation_windows(prepared)
     model = Transformer(cfg.model).eval()
     model.load_state_dict({**weights, "lm_head.weight": weights.get("lm_head.weight", weights["embed_tokens.weight"])})
-    for p in model.parameters():
-        p.data = p.data.bfloat16()
-    with torch.no_grad():
+    autocast = cfg.deepspeed.zero_stage == 0
+    if not autocast:
+        for p in model.parameters():
+            p.data = p.data.bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         logits = model(val[:, :-1]).logits.float()
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), val[:, 1:].flatten()).item()
 
 
 @pytest.mark.parametrize("name", [s.name for s in BF16_SPECS])
 def test_bf16_runs_export_their_fp32_master_weights(name, bf16_runs, tmp_path):
-    """bf16 mode trains bf16 weights from fp32 masters kept with the optimizer (ZeRO-0:
-    `optimizer.fp32_groups` of the model states; ZeRO-1: BF16_Optimizer's partitions on 2 ranks;
-    ZeRO-3: DeepSpeed's converter). The export holds the masters: most are not bf16 values (an
-    upcast bf16 module would be), and rounded to bf16 they give the val_loss the engine logged."""
+    """bf16 at ZeRO-0 trains fp32 weights under autocast (the module's state dict); ZeRO 1-3 run
+    DeepSpeed's bf16 mode, bf16 weights from fp32 masters kept with the optimizer (ZeRO-1:
+    BF16_Optimizer's partitions on 2 ranks; ZeRO-3: DeepSpeed's converter). The export holds the
+    fp32 weights: most are not bf16 values (an upcast bf16 module would be), and computed as the
+    engine computes they give the val_loss it logged."""
     run = bf16_runs[name]
     masters = consolidate(resolve_tag(run, None), load_run_config(run / "config.yaml").model).state_dict
     exported = load_file(export_hf.export(run, out=tmp_path / "hf") / "model.safetensors")

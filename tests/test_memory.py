@@ -8,7 +8,7 @@ from launcher.memory import describe, model_state_bytes
 @pytest.mark.parametrize(
     ("stage", "bf16_bytes", "fp32_bytes"),
     [
-        (0, 2 + 2 + 12, 4 + 4 + 8),  # nothing split; no copies: bf16 gradients, torch AdamW on fp32 weights
+        (0, 4 + 4 + 8, 4 + 4 + 8),  # nothing split; bf16 trains under autocast over fp32 weights and AdamW
         (1, 2 + 4 + 12 / 4, 4 + 4 + 12 / 4),  # optimizer state split (+ fp32 gradients / an fp32 weight copy)
         (2, 2 + (4 + 12) / 4, 4 + (4 + 12) / 4),  # gradients too
         (3, (2 + 4 + 12) / 4, (4 + 4 + 12) / 4),  # everything

@@ -275,14 +275,16 @@ def tear_last_line(path: Path) -> None:
         (3, "sigkill@6:1", "fp32"),
         (2, "sigkill-save@8:0", "fp32"),
         (3, "sigkill@6:1", "bf16"),
+        (0, "sigkill@6:1", "bf16"),
     ],
-    ids=["zero2-after-step", "zero3-after-step", "zero2-inside-save", "zero3-bf16-after-step"],
+    ids=["zero2-after-step", "zero3-after-step", "zero2-inside-save", "zero3-bf16-after-step", "zero0-bf16-after-step"],
 )
 def test_two_ranks_resume_exactly_after_sigkill(corpus, uninterrupted, tmp_path, stage, fault, precision):
     """SIGKILL after step 6, or inside the save of step 8 (rank 0 wrote its files, the others
     may not have): `latest` stays on step 4, and the resume, with a torn last metrics row,
-    logs the same per-step losses as a run that was never interrupted. In bf16 mode the bf16
-    weights come back from the saved fp32 master weights, so the losses are bit-identical too."""
+    logs the same per-step losses as a run that was never interrupted. In DeepSpeed's bf16 mode
+    (ZeRO-3) the bf16 weights come back from the saved fp32 master weights, so the losses are
+    bit-identical too; so are they under ZeRO-0's autocast, gradients all-reduced in bf16."""
     glob, cache = corpus
     broken = tmp_path / "broken"
     overrides = tiny_overrides(glob, cache, broken, **resume_settings(stage, precision))
@@ -315,19 +317,21 @@ def test_activation_checkpointing_under_zero3_logs_the_same_losses(corpus, unint
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_bf16_is_deepspeeds_bf16_mode_with_fp32_accumulation(stage):
-    """bf16: DeepSpeed's bf16 mode, fp32 gradient accumulation under ZeRO 1-3 (DeepSpeed 0.19.8
-    refuses it without ZeRO), and DeepSpeed clips (its bf16 optimizer clips the fp32 gradients)."""
+def test_bf16_is_autocast_without_zero_and_deepspeeds_bf16_mode_with_it(stage):
+    """bf16 at ZeRO-0: DeepSpeed's torch_autocast over fp32 weights, gradients all-reduced in
+    bf16, the trainer clips (a plain optimizer); ZeRO 1-3: DeepSpeed's bf16 mode with fp32
+    gradient accumulation, and DeepSpeed clips."""
     from launcher.ds_config import build_ds_config
     from run.config import load_run_config
 
     cfg = load_run_config(None, [f"deepspeed.zero_stage={stage}"])
     bf16, fp32 = (build_ds_config(cfg, world_size=2, precision=p) for p in ("bf16", "fp32"))
-    assert bf16["bf16"] == {"enabled": True} and fp32["bf16"] == {"enabled": False}
+    assert bf16["bf16"] == {"enabled": stage > 0} and fp32["bf16"] == {"enabled": False}
+    autocast = {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "communication_data_type": "bf16"}
+    assert {k: bf16[k] for k in autocast if k in bf16} == (autocast if stage == 0 else {})
     assert bf16.get("data_types") == ({"grad_accum_dtype": "fp32"} if stage else None)
-    assert "data_types" not in fp32
-    assert bf16["gradient_clipping"] == cfg.train.grad_clip
-    assert fp32["gradient_clipping"] == (cfg.train.grad_clip if stage else 0.0)  # the trainer clips plain fp32
+    assert "data_types" not in fp32 and "torch_autocast" not in fp32
+    assert bf16["gradient_clipping"] == fp32["gradient_clipping"] == (cfg.train.grad_clip if stage else 0.0)
 
 
 def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
