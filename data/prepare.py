@@ -145,9 +145,17 @@ def cache_key(cfg: DataConfig, specs: list[SourceSpec]) -> str:
     return _digest([MANIFEST_VERSION, settings, source_fingerprint(specs), _tokenizer_fingerprint(cfg)])
 
 
-def default_workers() -> int:
-    """All the cores this process may run on (each worker's tokenizer then runs one thread)."""
-    return usable_cores()
+PIECES_PER_WORKER = 8
+"""The default spreads the sharding over worker processes only when each gets this many pieces:
+with a few, the last round leaves cores idle and one process whose tokenizer runs on every core
+is faster (a 20 MB corpus in 2 MiB pieces on 2 cores: docs/benchmarks.md)."""
+
+
+def default_workers(pieces: int | None = None) -> int:
+    """Worker processes for `pieces` pieces of sharding (None: as many as there are cores):
+    every core when each gets PIECES_PER_WORKER pieces, else one (the tokenizer on every core)."""
+    cores = usable_cores()
+    return cores if pieces is None or pieces >= PIECES_PER_WORKER * cores else 1
 
 
 def prepare_data(
@@ -158,7 +166,7 @@ def prepare_data(
     workers: int | None = None,
 ) -> PreparedData:
     """Prepare (or load from the cache) the corpus of `cfg`; see the module docstring.
-    `workers`: processes that tokenise shards (default: all cores).
+    `workers`: processes that tokenise shards (default: default_workers for the corpus's size).
 
     Bad input raises ConfigError with a one-line message. Safe to call from several ranks once
     one process has finished a first call (they then only read the cache).
@@ -174,7 +182,7 @@ def prepare_data(
             if manifest.is_file():
                 prepared = _load_manifest(manifest)
             else:
-                prepared = _build(cfg, specs, val_specs, manifest, progress, workers or default_workers())
+                prepared = _build(cfg, specs, val_specs, manifest, progress, workers)
     _check_vocab(prepared, cfg, model_vocab_size)
     return prepared
 
@@ -210,7 +218,12 @@ def _tokenizer(cfg: DataConfig, sample: list[str], key: str, progress: bool):
 
 
 def _build(
-    cfg: DataConfig, specs: list[SourceSpec], val_specs: list[SourceSpec], manifest: Path, progress: bool, workers: int
+    cfg: DataConfig,
+    specs: list[SourceSpec],
+    val_specs: list[SourceSpec],
+    manifest: Path,
+    progress: bool,
+    workers: int | None,
 ) -> PreparedData:
     corpus = CorpusPass(specs, val_specs, cfg, progress)
     sample = corpus.sample_and_split(cfg.tokenizer_sample_bytes)
@@ -225,7 +238,8 @@ def _build(
     if cfg.loader == "shards":
         shard_dir = manifest.with_suffix(".shards")
         job = ShardJob(shard_dir, tok_path, eos_id, corpus.val_threshold, token_dtype(vocab_size).name)
-        workers = min(workers, corpus.useful_workers(cfg.shard_bytes))
+        pieces = corpus.useful_workers(cfg.shard_bytes)
+        workers = min(workers, pieces) if workers else default_workers(pieces)
         shards = ShardWriter(job, workers, cfg.shard_bytes, cfg.max_tokens, progress).run(
             corpus.specs, corpus.val_specs
         )
@@ -281,7 +295,8 @@ def main(argv=None) -> int:
         {"data": DataConfig},
     )
     parser.add_argument("--config", required=True, help="a run YAML (its data and model sections are read)")
-    parser.add_argument("--workers", type=int, default=None, help="processes that tokenise shards (default: all cores)")
+    default = f"all cores when each gets {PIECES_PER_WORKER} pieces of data.shard_bytes, else 1 on every core"
+    parser.add_argument("--workers", type=int, help=f"processes that tokenise shards (default: {default})")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.vocab_size=2048")
     args = parser.parse_args(argv)
     raw = load_yaml(args.config, args.overrides)

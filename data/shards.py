@@ -173,13 +173,21 @@ class _Done:
 
 
 class _Inline:
-    """workers=1: tokenise in this process, as a pool of one would (the tokenizer on every core)."""
+    """workers=1: tokenise in this process, as a pool of one would, the tokenizer on every core
+    while it runs (also where TOKENIZERS_PARALLELISM=false keeps training ranks to one thread)."""
+
+    def __init__(self):
+        self.parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # read by the tokenizer at each call
 
     def submit(self, job: ShardJob, piece: Piece) -> _Done:
         return _Done(tokenize_piece(job, piece))
 
     def close(self) -> None:
-        pass
+        if self.parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = self.parallelism
 
 
 class _Pool:

@@ -20,6 +20,7 @@ import torch
 from fixtures.data_corpora import data_cfg, make_docs, one_document_files, write_jsonl, write_text
 from tokenizers import Tokenizer
 
+import data.shards
 from data import Prefetcher, ShardLoader, TokenStream, prepare_data, validation_windows
 from data.loader import contributions
 from data.shards import token_dtype
@@ -105,6 +106,31 @@ def test_workers_share_the_cores_with_the_tokenizer_threads(shard_corpus):
     env.pop("TOKENIZERS_PARALLELISM", None)
     out = subprocess.run([sys.executable, "-c", count, str(prepared.tokenizer_path)], env=env, capture_output=True)
     assert out.stdout.decode().strip() == "2", out  # the main thread and one tokenizer thread
+
+
+def test_the_default_spreads_only_enough_pieces_over_workers(shard_corpus, tmp_path, monkeypatch):
+    """All cores when each gets PIECES_PER_WORKER pieces, else one process whose tokenizer runs
+    on every core while it shards (TOKENIZERS_PARALLELISM=false, as training ranks have it, is
+    lifted for that pass only and put back)."""
+    from data.prepare import PIECES_PER_WORKER, default_workers
+    from data.shards import usable_cores
+
+    cores = usable_cores()
+    assert default_workers() == cores == default_workers(PIECES_PER_WORKER * cores)
+    assert default_workers(PIECES_PER_WORKER * cores - 1) == (1 if cores > 1 else cores)
+    docs, prepared, cfg = shard_corpus
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    seen, real = [], data.shards.tokenize_piece  # a spy in this process: it sees only the inline path
+    monkeypatch.setattr(
+        data.shards, "tokenize_piece", lambda job, piece: seen.append(os.environ[PARALLEL]) or real(job, piece)
+    )
+    given = dict(tokenizer=str(prepared.tokenizer_path), cache_dir=str(tmp_path / "c3"))
+    again = prepare_data(cfg.__class__(**{**vars(cfg), **given}))  # 40 small files: fewer than 8 pieces per core
+    assert [s["sha256"] for s in again.shards] == [s["sha256"] for s in prepared.shards]
+    assert set(seen) == {"true"} and len(seen) == len(prepared.shards) and os.environ[PARALLEL] == "false"
+
+
+PARALLEL = "TOKENIZERS_PARALLELISM"
 
 
 def test_an_interrupted_preparation_keeps_its_finished_shards(shard_corpus, tmp_path):
