@@ -20,8 +20,8 @@ def precision_mode(zero_stage: int, precision: str) -> str:
     - "fp32";
     - "bf16 autocast" (ZeRO-0): fp32 weights, gradients and AdamW, the forward under
       torch.autocast (bf16 matmuls), gradients all-reduced in bf16. Nothing is sharded, so bf16
-      weights would only add master-weight copies and bf16 elementwise work: on one rank of a
-      2-core CPU the step is about 13% cheaper this way (docs/benchmarks.md);
+      weights buy nothing, and DeepSpeed's bf16 mode without ZeRO accumulates gradients in bf16
+      (it refuses fp32 accumulation there); the step is as fast (docs/benchmarks.md);
     - "bf16 weights" (ZeRO 1-3): DeepSpeed's bf16 mode, bf16 parameters and gradients (the
       collectives that shard them move half the bytes) with fp32 master weights and AdamW state.
     Checkpoints of the two bf16 modes differ, so a run resumes only in the mode that wrote it."""
