@@ -139,7 +139,10 @@ def analyse(args: argparse.Namespace, cfg) -> dict:
     """Per width: the model, where its runs came from, and per variant the sweep's numbers."""
     widths = parse_widths(args)
     loaded = {w: load_runs(args.reports, names) for w, names in widths.items()}
-    variants = [v for v in ("none", "qk", "qkv", "row") if any(v == k[1] for runs, _ in loaded.values() for k in runs)]
+    present = [{v for _, v, _ in runs} for runs, _ in loaded.values()]
+    variants = [v for v in ("none", "qk", "qkv", "row") if all(v in p for p in present)]  # at every width
+    if not variants:
+        raise ConfigError("--width: no variant was trained at every width")
     grids = [sorted({lr for lr, _, _ in runs}) for runs, _ in loaded.values()]
     common = sorted(set.intersection(*(set(g) for g in grids)))
     if not common:

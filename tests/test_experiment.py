@@ -346,6 +346,7 @@ def test_width_report_across_sweeps(tmp_path, capsys):
     }  # fmt: skip
     for w, sweep in finals.items():
         runs = {f"lr={lr:g}/{v}-seed{s}": fake_run(x[s - 1]) for (lr, v), x in sweep.items() for s in (1, 2)}
+        runs |= {"lr=0.001/qkv-seed1": fake_run(4.0)} if w == 256 else {}  # a variant not at every width
         (tmp_path / f"d{w}").mkdir()
         (tmp_path / f"d{w}" / "results.json").write_text(json.dumps(runs))
     later = {f"lr=0.002/none-seed{s}": fake_run(4.0, logits=(6.0, 2.0)) for s in (1, 2)}
@@ -356,6 +357,7 @@ def test_width_report_across_sweeps(tmp_path, capsys):
     assert width.main(argv) == 0
     data = json.loads((tmp_path / "out" / "w" / "summary.json").read_text())
     d128, d256 = data["widths"]["128"]["variants"], data["widths"]["256"]["variants"]
+    assert list(d128) == list(d256) == ["none", "qk"]
     assert (d128["none"]["best_lr"], d128["qk"]["best_lr"], d256["none"]["best_lr"]) == (0.001, 0.002, 0.002)
     assert d128["none"]["sensitivity"] == pytest.approx(0.2) and d128["qk"]["sensitivity"] == pytest.approx(0.15)
     assert d256["none"]["sensitivity"] == pytest.approx((math.log(4096) + 4.0) / 2 - 4.0)  # lr 0.001 diverged
