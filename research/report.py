@@ -411,7 +411,7 @@ def sweep_value(point: dict):
 def width_text(args, names: list[str], finished_points: int | None = None) -> str:
     """How wide the near-best range is: a count of points, and the swept values at its ends."""
     if not names:
-        return "n/a (every point diverged)"
+        return "n/a (no point has finished)" if finished_points == 0 else "n/a (every point diverged)"
     text = f"{len(names)} of {len(args.points)} points"
     if finished_points is not None and finished_points < len(args.points):
         text = f"{len(names)} of the {finished_points} points with a finished run"

@@ -318,7 +318,8 @@ def write(out: Path, data: dict, command: str, cfg) -> Path:
         f"warmup {t.warmup_steps} steps, cosine to {t.min_lr:g}; {t.max_steps} steps x "
         f"{t.micro_batch_size * t.grad_accum * cfg.data.seq_len} tokens per run, as `{cfg_name(command)}`",
         f"- Learning rates compared at every width: {', '.join(f'{lr:g}' for lr in data['grid'])} "
-        f"(the LR sensitivity is taken over these, capped at ln(vocab) = {data['cap']:.3f})",
+        f"(the LR sensitivity is taken over these, capped at ln(vocab) = {data['cap']:.3f}; each sweep's own "
+        "report has its other points)",
     ]
     left = sum(d["unfinished"] for d in data["widths"].values())
     if left:
