@@ -11,8 +11,8 @@ or with --sweep once per (point, variant, seed) into runs/experiments/NAME/POINT
 the points are the cross product of the swept values (e.g. lr=0.001). Runs go seed by seed (a
 sweep cut short has every point at the first seeds), --jobs at a time, each with its share of
 the cores; a run that already finished is skipped, an unfinished one resumes from its
-checkpoint, and one recorded as finished in the report's results.json with the same settings
-(trained on another machine, say) is taken from there. --variant-set gives one variant its own
+checkpoint, and one not on disk but recorded as finished in the report's results.json with the
+same settings (trained on another machine, say) is taken from there. --variant-set gives one variant its own
 setting (e.g. each variant at its best learning rate from a sweep). Then the probe
 (research.conditioning) measures the step-0 and the final model of each run (not for a sweep,
 which reports losses), and docs/experiments/NAME/ gets README.md (tables), results.json and
@@ -226,7 +226,7 @@ def plan(args: argparse.Namespace, cfg) -> list[Run]:
                 folder = f"{variant}-seed{seed}" if point is None else f"{point['name']}/{variant}-seed{seed}"
                 run = Run(key, variant, seed, args.runs_dir / args.name / folder, steps, [*base, *own])
                 entry = reported.get(folder)  # results.json names a run by its folder
-                if entry and entry["settings"] == settings(args, run) and not finished(run.run_dir, steps):
+                if entry and entry["settings"] == settings(args, run) and not RunDir(run.run_dir).metrics.is_file():
                     run.reported, run.failed = entry, bool(entry.get("failed"))
                 runs.append(run)
     return runs
