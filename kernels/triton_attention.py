@@ -24,7 +24,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from kernels.precondition import Preconditioner, get_preconditioner
 from kernels.triton_attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, preprocess_kernel
 from kernels.triton_attention_fwd import attn_fwd_kernel
-from kernels.triton_tiles import row_scales_kernel
+from kernels.triton_tiles import row_scales_kernel, scaled_rows_kernel
 
 Tensor = torch.Tensor
 
@@ -32,6 +32,13 @@ INTERPRET = isinstance(attn_fwd_kernel, InterpretedFunction)
 """True when triton was imported with TRITON_INTERPRET=1: kernels run on CPU tensors in numpy."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP32_ON_GPU = (
+    "the compiled Triton kernel takes bf16 or fp16 on a GPU: its fp32 dots (IEEE, no tensor cores) spill registers "
+    "at every block shape down to 16 x 16; fp32 runs in the interpreter (TRITON_INTERPRET=1), or use backend='sdpa'"
+)
+"""fp32 is the interpreter's dtype (the tests' 1e-5 references); compiled for a GPU it would spill."""
+
+LOG2E = math.log2(math.e)
 
 MAX_HEAD_DIM = 128
 """The largest head dim the block shapes below are sized for; larger ones take sdpa or flash."""
@@ -43,22 +50,23 @@ one compile per kernel, for quick GPU tests."""
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim class (BLOCK_D <= 64, or 128);
 # the first that fits shared memory is the default without autotuning, the rest are autotuned over.
 # fwd and dq need BLOCK_M % BLOCK_N == 0, dkdv BLOCK_N % BLOCK_M == 0 (the causal diagonal).
-# Sized against spills: a thread holds at most 255 registers, and an fp32 accumulator of R rows
-# x BLOCK_D over W warps costs R * BLOCK_D / (32 W) of them. At D=128 the defaults keep each
-# accumulator at 64 per thread (fwd acc 128x128 on 8 warps; dk + dv 2 x 64x128 on 8 warps; dq
-# 128x128 on 8 warps), leaving room for the S/P/dS tiles and the bf16 operands; 4 warps would
-# spend 128 (fwd) or 256 (dk + dv at BLOCK_N 128) on the accumulators alone.
+# Every shape here compiles for sm_90 and sm_80 without spilling a register, in bf16 and fp16,
+# causal or not, with every combination of the preconditioner's scales (`python bench/compile_check.py`,
+# and the `extra` test that runs it; docs/benchmarks.md has the figures). Larger tiles spill: on
+# sm_80 each warp holds a whole MMA B operand (a 64 x 128 K tile is 128 registers a thread), so the
+# forward and dQ at D=128 stream 32 or 64 keys a step, and dK/dV (64 x 128 on 8 warps) spills at both
+# head dims.
 BLOCKS = {
-    ("fwd", 64): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
-    ("fwd", 128): [(128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2)],
-    ("dkdv", 64): [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
-    ("dkdv", 128): [(32, 64, 8, 3), (64, 64, 8, 2), (32, 128, 8, 2)],
-    ("dq", 64): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
-    ("dq", 128): [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
+    ("fwd", 64): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+    ("fwd", 128): [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3)],
+    ("dkdv", 64): [(32, 128, 8, 2), (32, 128, 8, 3), (16, 64, 4, 3)],
+    ("dkdv", 128): [(32, 64, 8, 2), (32, 64, 8, 3), (16, 64, 8, 3)],
+    ("dq", 64): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3)],
+    ("dq", 128): [(64, 64, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)],
 }
-SMEM_BYTES = 200 * 1024
-"""Shared memory a block shape may plan for (H100/H200 give a block 227 KB; the rest is margin
-for Triton's own scratch)."""
+SMEM_BYTES = 160 * 1024
+"""Shared memory a block shape may plan for: an A100 gives a block 163 KiB, an H100/H200 227 KiB;
+the rest is margin for Triton's own scratch."""
 
 
 def smem_bytes(kernel: str, m: int, n: int, stages: int, block_d: int, elem: int) -> int:
@@ -119,9 +127,23 @@ def unavailable_reason(q: Tensor | None = None, device: torch.device | None = No
         return None
     if dev.type != "cuda":
         return f"it needs a CUDA GPU, or TRITON_INTERPRET=1 in the environment to run on the {dev.type} (slowly)"
-    if torch.cuda.get_device_capability(dev) < (8, 0):
-        return "it needs an Ampere or newer GPU (compute capability 8.0+)"
-    return None
+    if q is not None and q.dtype == torch.float32:
+        return FP32_ON_GPU
+    return _gpu_reason(dev) or None
+
+
+_GPU_REASONS: dict[torch.device, str] = {}
+
+
+@torch.compiler.assume_constant_result
+def _gpu_reason(device: torch.device) -> str:
+    """Why the kernel cannot run on this CUDA device, "" when it can. The capability is read once
+    per device (attention() resolves its backend first) and torch.compile keeps the answer as a
+    constant: no device query inside a compiled graph."""
+    if device not in _GPU_REASONS:
+        old = torch.cuda.get_device_capability(device) < (8, 0)
+        _GPU_REASONS[device] = "it needs an Ampere or newer GPU (compute capability 8.0+)" if old else ""
+    return _GPU_REASONS[device]
 
 
 def fused_flags(pre: Preconditioner) -> tuple[bool, bool, bool] | None:
@@ -191,6 +213,18 @@ def _row_scales(x: Tensor, on: bool, eps: float) -> Tensor:
     return r
 
 
+def _scaled_rows(x: Tensor, r: Tensor, scale: float) -> Tensor:
+    """The backward's pre-pass: x (B, H, T, D) with each row times its scale r (B*H, T) and
+    `scale`, in x's dtype, contiguous."""
+    B, H, T, D = x.shape
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    block = 16 if INTERPRET else 64
+    scaled_rows_kernel[grid(T, B * H, block)](
+        x, r, y, *_strides(x), T, H, scale, D, max(16, triton.next_power_of_2(D)), block
+    )  # fmt: skip
+    return y
+
+
 def _forward(q, k, v, causal, pre_qk, pre_v, row, eps):
     B, Hq, T, D = q.shape
     rq, rk, rv = _row_scales(q, pre_qk, eps), _row_scales(k, pre_qk, eps), _row_scales(v, pre_v, eps)
@@ -216,6 +250,8 @@ def _backward(do, q, k, v, o, lse, ro, rq, rk, rv, causal, pre_qk, pre_v, row):
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if pre_qk:  # the operands both kernels stream and keep (kernels/triton_attention_bwd.py)
+        q, k = _scaled_rows(q, rq, kw["sm_scale"] * LOG2E), _scaled_rows(k, rk, 1.0)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(dop))
     grid_kv = grid(T, B * Hkv, "BLOCK_N")
     _launch("dkdv", grid_kv, q, k, v, dop, lse, delta, rq, rk, rv, dk, dv, *strides, Hkv=Hkv, **kw)
@@ -286,8 +322,8 @@ triton_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, precondition: str, causal: bool, eps: float) -> Tensor:
     """Preconditioned FlashAttention. q (B, Hq, T, D), k and v (B, Hkv, T, D) with Hq % Hkv == 0,
-    fp32/bf16/fp16, any T, D <= MAX_HEAD_DIM. Returns (B, Hq, T, D) in q's dtype; differentiable
-    (once: the backward is a kernel, not differentiable itself)."""
+    bf16/fp16 (fp32 in the interpreter), any T, D <= MAX_HEAD_DIM. Returns (B, Hq, T, D) in q's dtype;
+    differentiable (once: the backward is a kernel, not differentiable itself)."""
     pre_qk, pre_v, row = _flags(get_preconditioner(precondition))
     _check(q, k, v)
     return triton_fwd(q, k, v, causal, pre_qk, pre_v, row, eps)[0]

@@ -1,10 +1,15 @@
 """Backward Triton kernels of the fused preconditioned FlashAttention.
 
 Legend: M query rows of a block, N key/value rows of a block, D head dim (BLOCK_D padded).
-The attention backward runs on the normalised rows qn, kn, vn without materialising them: the
-forward's fp32 row scales (saved, not recomputed) enter as row/column factors of S, P, dP and dS,
-q, k and v enter the dots as given; the row-scale gradients are folded into each kernel's
-epilogue, the rms-norm backward without gain:
+The attention backward runs on the normalised rows qn, kn, vn. With the `qk` scales on, the
+backward's pre-pass (kernels/triton_tiles.scaled_rows_kernel) writes two operands once per
+call, in the input dtype: qs = qn sm_scale log2(e) (the forward's scaled q tile) and kn; both
+kernels stream and keep them as FlashAttention-2 does q and k, so S = qs kn^T needs no
+per-element scale and dS enters its dots unscaled, in the range FlashAttention-2 casts it in
+(never dS / rms(q), which can pass fp16's range where a row's rms is small). vn is the dK/dV
+kernel's resident v times C_V (once per program), and a column factor of dP in the dQ kernel.
+The forward's fp32 row scales are saved, not recomputed; the row-scale gradients are folded into
+each kernel's epilogue, the rms-norm backward without gain (xn from the operands):
     xn = x r, r = rsqrt(mean(x^2) + eps)  =>  dx = r (dxn - xn mean(dxn xn))
 For `row`, `preprocess_kernel` turns dO into the gradient w.r.t. the unscaled output.
 Two kernels, so that no atomics are needed: dk/dv (one program per key block and key/value
@@ -24,6 +29,7 @@ from kernels.triton_tiles import (
     load_scales,
     program_block,
     program_rows,
+    scale_rows,
     store_rows,
     visible,
 )
@@ -44,7 +50,7 @@ def preprocess_kernel(
     """delta = rowsum(dO' * O') of the pre-epilogue output O' (B*Hq, T) fp32. For ROW,
     O = O' ro, so dO' = ro (dO - O mean(dO O)) is written to DOP (B, Hq, T, D contiguous):
     a gradient, read by both kernels, cheaper than recomputing it in every dk/dv step."""
-    pid_bh, b, hq, offs_m = program_rows(Hq, T, BLOCK_M)
+    pid_bh, b, hq, offs_m = program_rows(Hq, T, BLOCK_M, False)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
     o_MD = load_rows(O + b * so_b + hq * so_h, offs_m, so_t, offs_d, T, D).to(tl.float32)
@@ -59,31 +65,37 @@ def preprocess_kernel(
 
 @triton.jit
 def _dkdv_inner(
-    dk_ND, dv_ND, k_ND, v_ND, rk_N, rv_N, q_ptr, do_ptr, lse_ptr, delta_ptr, rq_ptr, stride_qt, stride_dot,
-    cols, offs_d, lo, hi, T, sm_scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
-    PRE_QK: tl.constexpr, PRE_V: tl.constexpr, PREC: tl.constexpr,
+    dk_ND, dv_ND, k_ND, v_ND, q_ptr, do_ptr, lse_ptr, delta_ptr, sq_h, sq_t, sdo_h, sdo_t, cols, offs_d,
+    lo, blocks, steps, T,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dkn / sm_scale and dvn over query blocks [lo, hi); MASK: the causal diagonal."""
+    """Accumulate dS^T q and dv over `steps` query blocks, `blocks` per query head from the
+    pointers' head on: rows lo, lo + BLOCK_M, ..., then the next head (MASK: the causal
+    diagonal). One loop over the GROUP heads' blocks, not a loop per head: nested pipelined
+    loops cost registers. S^T = k_ND q^T: the softmax scale is in one of the two."""
     offs_m = tl.arange(0, BLOCK_M)
-    for start_m in range(lo, hi, BLOCK_M):
+    start_m = lo
+    for _ in range(0, steps):
         rows = start_m + offs_m
-        q_MD = load_rows(q_ptr, rows, stride_qt, offs_d, T, D)
-        rq_M = load_scales(rq_ptr, rows, T, PRE_QK)
+        q_MD = load_rows(q_ptr, rows, sq_t, offs_d, T, D)
         # rows past T get lse = +inf, hence P = 0 and no contribution (and no NaN)
         lse_M = tl.load(lse_ptr + rows, mask=rows < T, other=float("inf"))
-        sT_NM = dot_t(k_ND, q_MD, rk_N[:, None], PRE_QK, PREC) * (rq_M * (sm_scale * LOG2E))[None, :]
-        pT_NM = tl.math.exp2(sT_NM - lse_M[None, :])
+        pT_NM = tl.math.exp2(tl.dot(k_ND, tl.trans(q_MD), input_precision=PREC) - lse_M[None, :])
         if MASK:
             pT_NM = visible(pT_NM, rows[None, :], cols[:, None], T, 0.0, True)
-        do_MD = load_rows(do_ptr, rows, stride_dot, offs_d, T, D)
+        do_MD = load_rows(do_ptr, rows, sdo_t, offs_d, T, D)
         dv_ND += tl.dot(pT_NM.to(do_MD.dtype), do_MD, input_precision=PREC)
-        dpT_NM = dot_t(v_ND, do_MD, rv_N[:, None], PRE_V, PREC)
+        dpT_NM = tl.dot(v_ND, tl.trans(do_MD), input_precision=PREC)
         delta_M = tl.load(delta_ptr + rows, mask=rows < T, other=0.0)
         dsT_NM = pT_NM * (dpT_NM - delta_M[None, :])
-        if PRE_QK:  # dS^T qn = (dS^T C_Q) q
-            dsT_NM = dsT_NM * rq_M[None, :]
         dk_ND += tl.dot(dsT_NM.to(q_MD.dtype), q_MD, input_precision=PREC)
+        # the next block, or the next head's first: scalar steps, no division per tile
+        next_head = start_m + BLOCK_M >= lo + blocks * BLOCK_M
+        start_m = tl.where(next_head, lo, start_m + BLOCK_M)
+        q_ptr += tl.where(next_head, sq_h, 0)
+        do_ptr += tl.where(next_head, sdo_h, 0)
+        lse_ptr += tl.where(next_head, T, 0)
+        delta_ptr += tl.where(next_head, T, 0)
     return dk_ND, dv_ND
 
 
@@ -97,44 +109,48 @@ def attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_N key/value rows of one (batch, kv head), all GROUP query heads.
-    Writes DK, DV (B, Hkv, T, D contiguous)."""
-    pid_bh, b, hkv, cols = program_rows(Hkv, T, BLOCK_N)
+    Q and K are the backward's operands (PRE_QK: qs and kn, see the module docstring). Writes
+    DK, DV (B, Hkv, T, D contiguous)."""
+    pid_bh, b, hkv, cols = program_rows(Hkv, T, BLOCK_N, False)  # causal: the first key block is the longest
     offs_d = tl.arange(0, BLOCK_D)
-    k_ptr = K + b * sk_b + hkv * sk_h
-    v_ptr = V + b * sv_b + hkv * sv_h
-    k_ND = load_rows(k_ptr, cols, sk_t, offs_d, T, D)
-    v_ND = load_rows(v_ptr, cols, sv_t, offs_d, T, D)
-    rk_N = load_scales(RK + pid_bh * T, cols, T, PRE_QK)
+    k_ND = load_rows(K + b * sk_b + hkv * sk_h, cols, sk_t, offs_d, T, D)
+    if not PRE_QK:  # the softmax scale, once into the resident k (PRE_QK: qs holds it)
+        k_ND = (k_ND * (sm_scale * LOG2E)).to(k_ND.dtype)
     rv_N = load_scales(RV + pid_bh * T, cols, T, PRE_V)
+    v_ND = load_rows(V + b * sv_b + hkv * sv_h, cols, sv_t, offs_d, T, D)
+    if PRE_V:  # vn = C_V v, once into the resident tile: dP^T = vn dO^T
+        v_ND = scale_rows(v_ND, rv_N)
     dk_ND = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv_ND = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    start_n = program_block(T, BLOCK_N)[1] * BLOCK_N
-    for g in range(GROUP):
-        hq = hkv * GROUP + g
-        q_ptr = Q + b * sq_b + hq * sq_h
-        do_ptr = DO + b * sdo_b + hq * sdo_h
-        lse_ptr = LSE + (b * Hq + hq) * T
-        delta_ptr = DELTA + (b * Hq + hq) * T
-        rq_ptr = RQ + (b * Hq + hq) * T
-        if CAUSAL:  # the diagonal block is masked; query blocks below it see every key
-            dk_ND, dv_ND = _dkdv_inner(
-                dk_ND, dv_ND, k_ND, v_ND, rk_N, rv_N, q_ptr, do_ptr, lse_ptr, delta_ptr, rq_ptr, sq_t, sdo_t,
-                cols, offs_d, start_n, start_n + BLOCK_N, T, sm_scale, D, BLOCK_M, True, PRE_QK, PRE_V, PREC,
-            )  # fmt: skip
-            lo = start_n + BLOCK_N
-        else:
-            lo = 0
+    start_n = program_block(T, BLOCK_N, False)[1] * BLOCK_N
+    hq0 = hkv * GROUP
+    q_ptr = Q + b * sq_b + hq0 * sq_h
+    do_ptr = DO + b * sdo_b + hq0 * sdo_h
+    lse_ptr = LSE + (b * Hq + hq0) * T
+    delta_ptr = DELTA + (b * Hq + hq0) * T
+    lo = 0
+    if CAUSAL:  # the diagonal block is masked; query blocks below it see every key
+        diag = BLOCK_N // BLOCK_M
         dk_ND, dv_ND = _dkdv_inner(
-            dk_ND, dv_ND, k_ND, v_ND, rk_N, rv_N, q_ptr, do_ptr, lse_ptr, delta_ptr, rq_ptr, sq_t, sdo_t,
-            cols, offs_d, lo, T, T, sm_scale, D, BLOCK_M, False, PRE_QK, PRE_V, PREC,
+            dk_ND, dv_ND, k_ND, v_ND, q_ptr, do_ptr, lse_ptr, delta_ptr, sq_h, sq_t, sdo_h, sdo_t, cols, offs_d,
+            start_n, diag, GROUP * diag, T, D, BLOCK_M, True, PREC,
         )  # fmt: skip
+        lo = start_n + BLOCK_N
+    blocks = tl.maximum(tl.cdiv(T - lo, BLOCK_M), 0)
+    dk_ND, dv_ND = _dkdv_inner(
+        dk_ND, dv_ND, k_ND, v_ND, q_ptr, do_ptr, lse_ptr, delta_ptr, sq_h, sq_t, sdo_h, sdo_t, cols, offs_d,
+        lo, blocks, GROUP * blocks, T, D, BLOCK_M, False, PREC,
+    )  # fmt: skip
 
-    dk_ND = dk_ND * sm_scale  # dkn = sm_scale dS^T qn
-    if PRE_QK:  # rms-norm backward through C_K (reload: shorter register lifetimes in the loop)
-        kn_ND = load_rows(k_ptr, cols, sk_t, offs_d, T, D).to(tl.float32) * rk_N[:, None]
-        dk_ND = rms_norm_bwd(dk_ND, kn_ND, rk_N, D)
+    # the rms-norm backward reloads kn and v: reading the resident tiles here would keep a copy of
+    # each in registers through the loop
+    if PRE_QK:  # dkn = sm_scale dS^T qn = dS^T qs / log2(e), then the backward through C_K
+        kn_ND = load_rows(K + b * sk_b + hkv * sk_h, cols, sk_t, offs_d, T, D).to(tl.float32)
+        dk_ND = rms_norm_bwd(dk_ND * (1.0 / LOG2E), kn_ND, load_scales(RK + pid_bh * T, cols, T, True), D)
+    else:
+        dk_ND = dk_ND * sm_scale
     if PRE_V:
-        vn_ND = load_rows(v_ptr, cols, sv_t, offs_d, T, D).to(tl.float32) * rv_N[:, None]
+        vn_ND = load_rows(V + b * sv_b + hkv * sv_h, cols, sv_t, offs_d, T, D).to(tl.float32) * rv_N[:, None]
         dv_ND = rms_norm_bwd(dv_ND, vn_ND, rv_N, D)
     store_rows(DK + pid_bh * T * D, dk_ND, cols, D, offs_d, T, D)
     store_rows(DV + pid_bh * T * D, dv_ND, cols, D, offs_d, T, D)
@@ -142,26 +158,23 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq_MD, q_MD, qs_M, do_MD, lse_M, delta_M, k_ptr, v_ptr, rk_ptr, rv_ptr, stride_kt, stride_vt, offs_m, offs_d,
-    lo, hi, T,
+    dq_MD, q_MD, do_MD, lse_M, delta_M, k_ptr, v_ptr, rv_ptr, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T,
     D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-    PRE_QK: tl.constexpr, PRE_V: tl.constexpr, PREC: tl.constexpr,
+    PRE_V: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dS kn (dq / sm_scale before the C_Q backward) over key blocks [lo, hi) of one
-    query block: P = exp2(S - lse) from the forward's log-sum-exp, dS = P (dP - delta), dP = dO vn^T."""
+    """Accumulate dS k (dq / sm_scale before the C_Q backward) over key blocks [lo, hi) of one
+    query block, q_MD holding the softmax scale: P = exp2(S - lse) from the forward's
+    log-sum-exp, dS = P (dP - delta), dP = dO vn^T."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k_ND = load_rows(k_ptr, cols, stride_kt, offs_d, T, D)
         v_ND = load_rows(v_ptr, cols, stride_vt, offs_d, T, D)
-        rk_N = load_scales(rk_ptr, cols, T, PRE_QK)
-        p_MN = tl.math.exp2(dot_t(q_MD, k_ND, rk_N[None, :], PRE_QK, PREC) * qs_M[:, None] - lse_M[:, None])
+        p_MN = tl.math.exp2(tl.dot(q_MD, tl.trans(k_ND), input_precision=PREC) - lse_M[:, None])
         if MASK:
             p_MN = visible(p_MN, offs_m[:, None], cols[None, :], T, 0.0, CAUSAL)
         dp_MN = dot_t(do_MD, v_ND, load_scales(rv_ptr, cols, T, PRE_V)[None, :], PRE_V, PREC)
         ds_MN = p_MN * (dp_MN - delta_M[:, None])
-        if PRE_QK:  # dS kn = (dS C_K) k
-            ds_MN = ds_MN * rk_N[None, :]
         dq_MD += tl.dot(ds_MN.to(k_ND.dtype), k_ND, input_precision=PREC)
     return dq_MD
 
@@ -175,16 +188,17 @@ def attn_bwd_dq_kernel(
     PRE_QK: tl.constexpr, PRE_V: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_M query rows of one (batch, query head). Writes DQ (B, Hq, T, D contiguous)."""
-    pid_bh, b, hq, offs_m = program_rows(Hq, T, BLOCK_M)
+    """One program: BLOCK_M query rows of one (batch, query head). Q and K are the backward's
+    operands (PRE_QK: qs and kn, see the module docstring). Writes DQ (B, Hq, T, D contiguous)."""
+    pid_bh, b, hq, offs_m = program_rows(Hq, T, BLOCK_M, CAUSAL)
     hkv = hq // GROUP
     kv_bh = b * (Hq // GROUP) + hkv
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
     q_MD = load_rows(Q + b * sq_b + hq * sq_h, offs_m, sq_t, offs_d, T, D)
+    if not PRE_QK:  # the softmax scale, once into the resident q (PRE_QK: qs holds it)
+        q_MD = (q_MD * (sm_scale * LOG2E)).to(q_MD.dtype)
     do_MD = load_rows(DO + b * sdo_b + hq * sdo_h, offs_m, sdo_t, offs_d, T, D)
-    rq_M = load_scales(RQ + pid_bh * T, offs_m, T, PRE_QK)
-    qs_M = rq_M * (sm_scale * LOG2E)
     lse_M = tl.load(LSE + pid_bh * T + offs_m, mask=row_ok, other=float("inf"))
     delta_M = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
 
@@ -192,18 +206,20 @@ def attn_bwd_dq_kernel(
     hi_full, hi = key_bounds(T, BLOCK_M, BLOCK_N, CAUSAL)
     k_ptr = K + b * sk_b + hkv * sk_h
     v_ptr = V + b * sv_b + hkv * sv_h
-    rk_ptr = RK + kv_bh * T
     rv_ptr = RV + kv_bh * T
     dq_MD = _dq_inner(
-        dq_MD, q_MD, qs_M, do_MD, lse_M, delta_M, k_ptr, v_ptr, rk_ptr, rv_ptr, sk_t, sv_t, offs_m, offs_d,
-        0, hi_full, T, D, BLOCK_N, CAUSAL, False, PRE_QK, PRE_V, PREC,
+        dq_MD, q_MD, do_MD, lse_M, delta_M, k_ptr, v_ptr, rv_ptr, sk_t, sv_t, offs_m, offs_d, 0, hi_full, T,
+        D, BLOCK_N, CAUSAL, False, PRE_V, PREC,
     )  # fmt: skip
     dq_MD = _dq_inner(
-        dq_MD, q_MD, qs_M, do_MD, lse_M, delta_M, k_ptr, v_ptr, rk_ptr, rv_ptr, sk_t, sv_t, offs_m, offs_d,
-        hi_full, hi, T, D, BLOCK_N, CAUSAL, True, PRE_QK, PRE_V, PREC,
+        dq_MD, q_MD, do_MD, lse_M, delta_M, k_ptr, v_ptr, rv_ptr, sk_t, sv_t, offs_m, offs_d, hi_full, hi, T,
+        D, BLOCK_N, CAUSAL, True, PRE_V, PREC,
     )  # fmt: skip
 
-    dq_MD = dq_MD * sm_scale
-    if PRE_QK:  # rms-norm backward through C_Q, with the saved scale
-        dq_MD = rms_norm_bwd(dq_MD, q_MD.to(tl.float32) * rq_M[:, None], rq_M, D)
+    dq_MD = dq_MD * sm_scale  # dqn = sm_scale dS kn
+    if PRE_QK:  # rms-norm backward through C_Q: the saved scale, qn = qs / (sm_scale log2(e)) reloaded
+        qn_MD = load_rows(Q + b * sq_b + hq * sq_h, offs_m, sq_t, offs_d, T, D).to(tl.float32) * (
+            1.0 / (sm_scale * LOG2E)
+        )
+        dq_MD = rms_norm_bwd(dq_MD, qn_MD, load_scales(RQ + pid_bh * T, offs_m, T, True), D)
     store_rows(DQ + pid_bh * T * D, dq_MD, offs_m, D, offs_d, T, D)

@@ -2,9 +2,10 @@
 
 Legend: M query rows of one block, N key/value rows of one block, D head dim (BLOCK_D padded).
 For `qk`/`qkv` the row scales r = 1/rms(row) come from the pre-pass (kernels/triton_tiles.py,
-fp32, computed once per call) and are folded into the fp32 scores and probabilities, as the
-softmax scale is: S = (q k^T) * (r_q sm_scale log2(e))[:, None] * r_k[None, :], P C_V for v.
-q, k and v enter the dots as given, so no normalised or rescaled copy of them exists anywhere.
+fp32, computed once per call). The program's resident q tile takes r_q and the softmax scale
+once, qs = q (r_q sm_scale log2(e)) rounded to q's dtype; the streamed k and v take theirs as
+fp32 column factors of the scores and probabilities: S = (qs k^T) * r_k[None, :], P C_V for v.
+No normalised copy of q, k or v exists outside a program's registers and shared memory.
 For `row` the output scale is the epilogue. Scores are kept in the log2 domain (exp2 is the
 hardware instruction); the saved log-sum-exp is in that domain too.
 """
@@ -22,6 +23,7 @@ from kernels.triton_tiles import (
     load_scales,
     program_rows,
     row_rscale,
+    scale_rows,
     store_rows,
     visible,
 )
@@ -29,16 +31,17 @@ from kernels.triton_tiles import (
 
 @triton.jit
 def _fwd_inner(
-    acc_MD, l_M, m_M, q_MD, qs_M, k_ptr, v_ptr, rk_ptr, rv_ptr, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T,
+    acc_MD, l_M, m_M, q_MD, k_ptr, v_ptr, rk_ptr, rv_ptr, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T,
     D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
     PRE_QK: tl.constexpr, PRE_V: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over key blocks [lo, hi); MASK applies the causal and tail masks."""
+    """Online softmax over key blocks [lo, hi) for q_MD, the scaled q tile; MASK applies the causal
+    and tail masks."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k_ND = load_rows(k_ptr, cols, stride_kt, offs_d, T, D)
-        s_MN = dot_t(q_MD, k_ND, load_scales(rk_ptr, cols, T, PRE_QK)[None, :], PRE_QK, PREC) * qs_M[:, None]
+        s_MN = dot_t(q_MD, k_ND, load_scales(rk_ptr, cols, T, PRE_QK)[None, :], PRE_QK, PREC)
         if MASK:
             s_MN = visible(s_MN, offs_m[:, None], cols[None, :], T, float("-inf"), CAUSAL)
         m_new = tl.maximum(m_M, tl.max(s_MN, 1))
@@ -65,13 +68,13 @@ def attn_fwd_kernel(
     """One program: BLOCK_M query rows of one (batch, query head). Last-dim strides are 1.
     Reads the row scales RQ (B*Hq, T), RK and RV (B*Hkv, T) when PRE_QK / PRE_V.
     Writes O (B, Hq, T, D), LSE (B*Hq, T) fp32 log2-domain, RO (B*Hq, T) fp32 when ROW."""
-    pid_bh, b, hq, offs_m = program_rows(Hq, T, BLOCK_M)
+    pid_bh, b, hq, offs_m = program_rows(Hq, T, BLOCK_M, CAUSAL)
     hkv = hq // GROUP
     kv_bh = b * (Hq // GROUP) + hkv
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
     q_MD = load_rows(Q + b * sq_b + hq * sq_h, offs_m, sq_t, offs_d, T, D)
-    qs_M = load_scales(RQ + pid_bh * T, offs_m, T, PRE_QK) * (sm_scale * LOG2E)
+    q_MD = scale_rows(q_MD, load_scales(RQ + pid_bh * T, offs_m, T, PRE_QK) * (sm_scale * LOG2E))
 
     acc_MD = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_M = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -82,11 +85,11 @@ def attn_fwd_kernel(
     rk_ptr = RK + kv_bh * T
     rv_ptr = RV + kv_bh * T
     acc_MD, l_M, m_M = _fwd_inner(
-        acc_MD, l_M, m_M, q_MD, qs_M, k_ptr, v_ptr, rk_ptr, rv_ptr, sk_t, sv_t, offs_m, offs_d, 0, hi_full, T,
+        acc_MD, l_M, m_M, q_MD, k_ptr, v_ptr, rk_ptr, rv_ptr, sk_t, sv_t, offs_m, offs_d, 0, hi_full, T,
         D, BLOCK_N, CAUSAL, False, PRE_QK, PRE_V, PREC,
     )  # fmt: skip
     acc_MD, l_M, m_M = _fwd_inner(
-        acc_MD, l_M, m_M, q_MD, qs_M, k_ptr, v_ptr, rk_ptr, rv_ptr, sk_t, sv_t, offs_m, offs_d, hi_full, hi, T,
+        acc_MD, l_M, m_M, q_MD, k_ptr, v_ptr, rk_ptr, rv_ptr, sk_t, sv_t, offs_m, offs_d, hi_full, hi, T,
         D, BLOCK_N, CAUSAL, True, PRE_QK, PRE_V, PREC,
     )  # fmt: skip
 

@@ -17,21 +17,26 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def program_block(T, BLOCK: tl.constexpr):
+def program_block(T, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr):
     """(pid_bh, row block) of this program. Every kernel is launched on a 1-D grid of
     cdiv(T, BLOCK) x (batch x heads) programs (`grid` in kernels/triton_attention.py), the row
     block varying fastest, so the programs of one head run together and share its K and V in
-    L2; grid axis 0 takes 2^31 - 1 programs where axis 1 stops at 65,535."""
+    L2; grid axis 0 takes 2^31 - 1 programs where axis 1 stops at 65,535. LAST_FIRST (causal
+    query blocks) hands each head's last block, the one that sees the most keys, to its first
+    program: the longest programs start first and the short ones fill the tail of the launch."""
     pid = tl.program_id(0)
     blocks = tl.cdiv(T, BLOCK)
-    return (pid // blocks).to(tl.int64), pid % blocks
+    block = pid % blocks
+    if LAST_FIRST:
+        block = blocks - 1 - block
+    return (pid // blocks).to(tl.int64), block
 
 
 @triton.jit
-def program_rows(H, T, BLOCK: tl.constexpr):
+def program_rows(H, T, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr):
     """(pid_bh, batch, head, row offsets) of this program; pid_bh, batch and head are int64, so
     every base offset computed from them is."""
-    pid_bh, block = program_block(T, BLOCK)
+    pid_bh, block = program_block(T, BLOCK, LAST_FIRST)
     return pid_bh, pid_bh // H, pid_bh % H, block * BLOCK + tl.arange(0, BLOCK)
 
 
@@ -64,21 +69,43 @@ def load_scales(ptr, rows, T, ON: tl.constexpr):
 
 
 @triton.jit
+def scale_rows(x, r):
+    """The tile x with row i times r[i] (fp32), rounded back to x's dtype: a row scale folded into
+    an MMA operand once, instead of into every element of the fp32 product."""
+    return (x * r[:, None]).to(x.dtype)
+
+
+@triton.jit
 def row_scales_kernel(
     X, R, sx_b, sx_h, sx_t, T, H, eps, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr
 ):  # fmt: skip
-    """The pre-pass: R (B*H, T) fp32 = 1/rms of each row of X (B, H, T, D), computed once per
-    call, so that the attention loops only scale S, P and dS by loaded vectors."""
-    pid_bh, b, h, rows = program_rows(H, T, BLOCK_M)
+    """The forward's pre-pass: R (B*H, T) fp32 = 1/rms of each row of X (B, H, T, D), computed
+    once per call, so that the attention loops only scale tiles and S, P by loaded vectors."""
+    pid_bh, b, h, rows = program_rows(H, T, BLOCK_M, False)
     offs_d = tl.arange(0, BLOCK_D)
     x = load_rows(X + b * sx_b + h * sx_h, rows, sx_t, offs_d, T, D).to(tl.float32)
     tl.store(R + pid_bh * T + rows, row_rscale(x, D, eps), mask=rows < T)
 
 
 @triton.jit
+def scaled_rows_kernel(
+    X, R, Y, sx_b, sx_h, sx_t, T, H, scale, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr
+):  # fmt: skip
+    """The backward's pre-pass: Y (B, H, T, D contiguous) = each row of X (B, H, T, D) times its
+    saved scale R (B*H, T) and `scale`, rounded to X's dtype (one rounding, as a tile fold)."""
+    pid_bh, b, h, rows = program_rows(H, T, BLOCK_M, False)
+    offs_d = tl.arange(0, BLOCK_D)
+    x = load_rows(X + b * sx_b + h * sx_h, rows, sx_t, offs_d, T, D)
+    r = tl.load(R + pid_bh * T + rows, mask=rows < T, other=1.0) * scale
+    store_rows(Y + pid_bh * T * D, scale_rows(x, r), rows, D, offs_d, T, D)
+
+
+@triton.jit
 def dot_t(a, b, r, SCALE: tl.constexpr, PREC: tl.constexpr):
-    """a b^T, times r (the normalised operand's row scales, broadcast) when SCALE: C_K in S = q kn^T
-    (or S^T = kn q^T), C_V in dP = dO vn^T, so kn and vn are never formed."""
+    """a b^T, times r (the row scales of b, broadcast over columns) when SCALE: C_K in the forward's
+    S = q kn^T and C_V in the dQ kernel's dP = dO vn^T, where k and v stream through shared
+    memory into the MMA: one multiply per score costs less there than rescaling each streamed
+    tile in registers (on sm_80 Triton rescales an MMA operand in every warp that reads it)."""
     s = tl.dot(a, tl.trans(b), input_precision=PREC)
     if SCALE:
         s = s * r
@@ -98,10 +125,11 @@ def visible(x, q_pos, k_pos, T, other, CAUSAL: tl.constexpr):
 
 @triton.jit
 def key_bounds(T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """(hi_full, hi) for this program's query block: key blocks in [0, hi_full) need no mask,
-    those in [hi_full, hi) do (the causal diagonal, or the tail past T)."""
+    """(hi_full, hi) for this program's query block (causal: last first, as program_rows(..., CAUSAL)
+    maps it): key blocks in [0, hi_full) need no mask, those in [hi_full, hi) do (the causal
+    diagonal, or the tail past T)."""
     if CAUSAL:
-        hi_full = program_block(T, BLOCK_M)[1] * BLOCK_M
+        hi_full = program_block(T, BLOCK_M, True)[1] * BLOCK_M
         hi = tl.minimum(hi_full + BLOCK_M, T)
     else:
         hi_full = (T // BLOCK_N) * BLOCK_N
