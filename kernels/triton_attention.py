@@ -34,7 +34,7 @@ INTERPRET = isinstance(attn_fwd_kernel, InterpretedFunction)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP32_ON_GPU = (
     "the compiled Triton kernel takes bf16 or fp16 on a GPU: its fp32 dots (IEEE, no tensor cores) spill registers "
-    "at every block shape down to 16 x 16; fp32 runs in the interpreter (TRITON_INTERPRET=1), or use backend='sdpa'"
+    "from 32 x 32 tiles up; fp32 runs in the interpreter (TRITON_INTERPRET=1), or use backend='sdpa'"
 )
 """fp32 is the interpreter's dtype (the tests' 1e-5 references); compiled for a GPU it would spill."""
 
