@@ -59,8 +59,11 @@ class TrainState:
     val_loss: float | None = None
 
 
-def save(engine, run: RunDir, train: TrainState, config: dict, data_state: dict, keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+def save(
+    engine, run: RunDir, train: TrainState, config: dict, data_state: dict, keep_last: int, precision_mode: str
+) -> str:
+    """Collective: every rank calls it. Returns the tag written. precision_mode is the run's
+    (launcher.ds_config.precision_mode), recorded in the manifest so a resume can check it."""
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -84,15 +87,13 @@ def save(engine, run: RunDir, train: TrainState, config: dict, data_state: dict,
     faults.maybe_kill("sigkill-save", step, dist.rank())
     dist.barrier()
     if dist.rank() == 0:
-        mode = (
-            "bf16 autocast"
-            if engine.torch_autocast_enabled()
-            else "bf16 weights"
-            if engine.bfloat16_enabled()
-            else "fp32"
-        )
         write_manifest(
-            run.checkpoint(tag), step, dist.world_size(), engine.zero_optimization_stage(), state["global_batch"], mode
+            run.checkpoint(tag),
+            step,
+            dist.world_size(),
+            engine.zero_optimization_stage(),
+            state["global_batch"],
+            precision_mode,
         )
         run.set_latest(tag)
         prune(run, keep_last)

@@ -83,7 +83,8 @@ class Trainer:
         self.precision_choice = resolve_precision(t.precision, self.device)
         self.precision = self.precision_choice.name
         zero = cfg.deepspeed.zero_stage
-        resume_tag = checkpoint.check_resume(self.rundir, zero, precision_mode(zero, self.precision))
+        self.precision_mode = precision_mode(zero, self.precision)  # recorded in every checkpoint
+        resume_tag = checkpoint.check_resume(self.rundir, zero, self.precision_mode)
         self.prepared = self._prepare_data()
         self.stream = training_batches(
             self.prepared,
@@ -262,7 +263,8 @@ class Trainer:
 
     def _save(self) -> dict:
         config, keep = self.cfg.to_dict(), self.cfg.train.keep_last
-        tag = checkpoint.save(self.engine, self.rundir, self.state, config, self.stream.state_dict(), keep)
+        data_state = self.stream.state_dict()
+        tag = checkpoint.save(self.engine, self.rundir, self.state, config, data_state, keep, self.precision_mode)
         self.log.write(f"step {self.state.step}: saved checkpoint {self.rundir.checkpoint(tag)}")
         return {}
 
@@ -303,8 +305,7 @@ class Trainer:
             f"x {dist.world_size()} ranks x {c.data.seq_len}",
             f"parallelism     world size {dist.world_size()}, ZeRO stage {c.deepspeed.zero_stage} on "
             f"{self.device.type}" + (", torch.compile" if c.train.compile else ""),
-            f"precision       {self.precision} ({self.precision_choice.reason})"
-            + PRECISION_NOTES[precision_mode(c.deepspeed.zero_stage, self.precision)],
+            f"precision       {self.precision} ({self.precision_choice.reason})" + PRECISION_NOTES[self.precision_mode],
             f"model states    {states}" + (", activation checkpointing" if c.train.activation_checkpointing else ""),
             f"steps           {self.state.step} -> {c.train.max_steps}",
         ]
