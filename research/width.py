@@ -174,7 +174,26 @@ def analyse(args: argparse.Namespace, cfg) -> dict:
             "runs": sum(s["runs"] for f in finals.values() for s in f.values()),
             "points_from": {name: exp for name, exp in sorted(source.items())},
         }  # fmt: skip
+    partial_view(out)
     return out
+
+
+MIN_SETTLED = 3
+"""Fewest learning rates a partial study's sensitivity is taken over (settled at every width)."""
+
+
+def partial_view(data: dict) -> None:
+    """While runs are unfinished: the learning rates where every width and variant has a finished
+    (or diverged) run, and each one's LR sensitivity over just those ("settled"), so that widths
+    are compared on the same points. Empty when every point is settled or fewer than MIN_SETTLED are."""
+    cells = [(lr, s["finals"][f"lr={lr:g}"]) for d in data["widths"].values() for s in d["variants"].values()
+             for lr in data["grid"]]  # fmt: skip
+    settled = [lr for lr in data["grid"] if all(c["n"] or c["diverged"] for x, c in cells if x == lr)]
+    data["settled"] = settled if MIN_SETTLED <= len(settled) < len(data["grid"]) else []
+    for d in data["widths"].values():
+        for s in d["variants"].values():
+            sub = {f"lr={lr:g}": s["finals"][f"lr={lr:g}"] for lr in data["settled"]}
+            s["sensitivity_settled"] = rep.sensitivity(sub, data["cap"]) if sub else None
 
 
 # ---- the report -------------------------------------------------------------------------------
@@ -197,15 +216,20 @@ def trend(values: list[float | None]) -> str:
 def summary_table(data: dict) -> list[str]:
     head = ["d_model", "parameters", "variant", "best lr", "final val loss there", "LR sensitivity (nats)"]
     head.append("within 0.1 nats of the best")
+    if data["settled"]:
+        head.append(f"LR sensitivity over {settled_text(data)} only")
     rows = []
     for w, d in data["widths"].items():
         for v, s in d["variants"].items():
             loss = rep.fmt_summary(s["loss"]) if s["loss"] else "n/a"
             best = f"{s['best_lr']:g}" if s["best_lr"] is not None else "n/a"
-            rows.append(
-                [str(w), f"{d['parameters'] / 1e6:.2f}M", f"`{v}`", best, loss, fmt(s["sensitivity"]), s["band"]]
-            )
+            row = [str(w), f"{d['parameters'] / 1e6:.2f}M", f"`{v}`", best, loss, fmt(s["sensitivity"]), s["band"]]
+            rows.append(row + ([fmt(s["sensitivity_settled"])] if data["settled"] else []))
     return rep.md_table(head, rows)
+
+
+def settled_text(data: dict) -> str:
+    return "lr " + ", ".join(f"{lr:g}" for lr in data["settled"])
 
 
 def loss_tables(data: dict) -> list[str]:
@@ -254,6 +278,13 @@ def verdict(data: dict) -> list[str]:
         best = [data["widths"][w]["variants"][v]["best_lr"] for w in widths]
         text = ", ".join(f"d{w} {fmt(x)}" for w, x in zip(widths, sens, strict=True))
         lines.append(f"- `{v}`: LR sensitivity {text} nats: {trend(sens)}.")
+        if data["settled"]:
+            part = [data["widths"][w]["variants"][v]["sensitivity_settled"] for w in widths]
+            text = ", ".join(f"d{w} {fmt(x)}" for w, x in zip(widths, part, strict=True))
+            lines.append(
+                f"- `{v}`: over the learning rates every width has finished ({settled_text(data)}), LR sensitivity "
+                f"{text} nats: {trend(part)} on those points (provisional: the full grid decides)."
+            )
         stays = None not in best and len(set(best)) == 1
         lines.append(
             f"- `{v}`: best lr {', '.join('n/a' if b is None else f'{b:g}' for b in best)}"
@@ -296,7 +327,11 @@ def plot_sensitivity(data: dict, path: Path) -> None:
     params = [data["widths"][w]["parameters"] for w in widths]
     for v in next(iter(data["widths"].values()))["variants"]:
         sens = [data["widths"][w]["variants"][v]["sensitivity"] for w in widths]
-        ax.plot(params, [float("nan") if x is None else x for x in sens], marker="o", label=v)
+        line = ax.plot(params, [float("nan") if x is None else x for x in sens], marker="o", label=v)[0]
+        if data["settled"]:  # a partial study: the provisional values, dashed
+            part = [data["widths"][w]["variants"][v]["sensitivity_settled"] for w in widths]
+            ax.plot(params, [float("nan") if x is None else x for x in part], marker="s", ls="--",
+                    color=line.get_color(), label=f"{v} ({settled_text(data)} only)")  # fmt: skip
     ax.set(xscale="log", xlabel="parameters", ylabel="LR sensitivity (nats)", title="LR sensitivity against model size")
     ax.grid(alpha=0.3)
     ax.legend()

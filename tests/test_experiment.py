@@ -370,8 +370,50 @@ def test_width_report_across_sweeps(tmp_path, capsys):
     assert "model.d_model=256 model.n_heads=4 model.n_kv_heads=2" in readme
     for png in ("loss_vs_lr.png", "sensitivity.png"):
         assert (tmp_path / "out" / "w" / png).read_bytes()[:8] == PNG, png
+    assert data["settled"] == [] and "only |" not in readme  # every point settled: no provisional view
     capsys.readouterr()
     from core.cli import run_main
 
     assert run_main(width.main, [*argv[:-4], "--width", "100=d128", "--width", "256=d256"]) == 2
     assert "--width 100: expected a multiple of 128" in capsys.readouterr().err
+
+
+def test_a_partial_width_study_compares_the_widths_on_the_points_all_have_finished(tmp_path):
+    """d256's `none` at lr 0.002 unfinished: its full sensitivity is unknown, and every width's is
+    also taken over lr 0.001, 0.004, 0.008 (finished everywhere), by hand: mean minus the best."""
+    from research import width
+
+    finals = {  # width -> variant -> final loss at lr 0.001, 0.002, 0.004, 0.008 (None: unfinished)
+        128: {"none": (4.4, 4.2, 4.0, 4.6), "qk": (4.3, 4.1, 4.0, 4.1)},
+        256: {"none": (4.3, None, 4.1, 5.0), "qk": (4.2, 4.0, 4.0, 4.1)},
+    }
+    unfinished = {"evals": [], "unfinished": True}
+    for w, sweep in finals.items():
+        runs = {
+            f"lr={lr:g}/{v}-seed1": unfinished if x is None else fake_run(x)
+            for v, losses in sweep.items()
+            for lr, x in zip((0.001, 0.002, 0.004, 0.008), losses, strict=True)
+        }
+        (tmp_path / f"d{w}").mkdir()
+        (tmp_path / f"d{w}" / "results.json").write_text(json.dumps(runs))
+    argv = ["--config", str(ROOT / "configs/lr-sweep-cpu.yaml"), "--name", "w", "--reports", str(tmp_path)]
+    assert width.main([*argv, "--out-dir", str(tmp_path / "out"), "--width", "128=d128", "--width", "256=d256"]) == 0
+    data = json.loads((tmp_path / "out" / "w" / "summary.json").read_text())
+    assert data["settled"] == [0.001, 0.004, 0.008]
+    d128, d256 = data["widths"]["128"]["variants"], data["widths"]["256"]["variants"]
+    assert d256["none"]["sensitivity"] is None and d128["none"]["sensitivity"] == pytest.approx(0.3)
+    assert d128["none"]["sensitivity_settled"] == pytest.approx(1 / 3)
+    assert d256["none"]["sensitivity_settled"] == pytest.approx((4.3 + 4.1 + 5.0) / 3 - 4.1)
+    assert d128["qk"]["sensitivity_settled"] == pytest.approx((4.3 + 4.0 + 4.1) / 3 - 4.0)
+    assert d256["qk"]["sensitivity_settled"] == pytest.approx(0.1)
+    readme = (tmp_path / "out" / "w" / "README.md").read_text()
+    assert "LR sensitivity over lr 0.001, 0.004, 0.008 only |" in readme
+    assert "`none`: LR sensitivity d128 0.300, d256 n/a nats: not yet known (unfinished points)." in readme
+    assert (
+        "`none`: over the learning rates every width has finished (lr 0.001, 0.004, 0.008), LR sensitivity "
+        "d128 0.333, d256 0.367 nats: grows with width on those points" in readme
+    )
+    assert (
+        "`qk`: over the learning rates every width has finished (lr 0.001, 0.004, 0.008), LR sensitivity "
+        "d128 0.133, d256 0.100 nats: shrinks with width on those points" in readme
+    )
