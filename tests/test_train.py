@@ -92,7 +92,8 @@ def test_compiled_model_trains_like_eager_and_saves_the_same_names(single_run, c
 
     glob, cache = corpus
     run_dir = tmp_path / "compiled"
-    proc = run_single(tiny_overrides(glob, cache, run_dir, **{"train.compile": "true"}))
+    # a cold inductor compile of the training and evaluation graphs: minutes on 2 loaded cores
+    proc = run_single(tiny_overrides(glob, cache, run_dir, **{"train.compile": "true"}), timeout=600)
     check(proc)
     assert "torch.compile" in proc.stdout
     eager, compiled = train_losses(single_run[0]), train_losses(run_dir)

@@ -31,6 +31,15 @@ bootstrap_venv() {
   # DeepSpeed compiles a CPU op on first use (about a minute); a cache per environment keeps
   # two checkouts from rebuilding it over each other.
   export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$venv/torch_extensions}"
+  # Built here, once, on a CPU machine, so that no training run (nor a test with a time limit)
+  # pays for it, and none killed mid-build leaves torch's build lock for every later run to wait on.
+  if [ ! -e "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/deepspeed_shm_comm.so" ] \
+    && { [ "${DS_ACCELERATOR:-}" = cpu ] || ! command -v nvidia-smi >/dev/null 2>&1; }; then
+    echo "[setup] building DeepSpeed's CPU communication op (first time: about a minute)"
+    DS_ACCELERATOR=cpu "$venv/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+      >"$venv/shm_comm_build.log" 2>&1 \
+      || echo "[setup] warning: the op did not build ($venv/shm_comm_build.log); DeepSpeed tries again on first use"
+  fi
   export PATH="$venv/bin:$PATH"
   export VIRTUAL_ENV="$venv"
   export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
