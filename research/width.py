@@ -84,7 +84,8 @@ def parse_widths(args: argparse.Namespace) -> dict[int, list[str]]:
 
 
 def load_runs(reports: Path, names: list[str]) -> tuple[dict, dict[str, str]]:
-    """(lr, variant, seed) -> run of the merged sweeps, and run name -> the sweep it came from."""
+    """(lr, variant, seed) -> run of the merged sweeps, and run name -> the sweep it came from: a
+    later sweep's run replaces an earlier one's of the same name unless it is unfinished."""
     runs, source = {}, {}
     for name in names:
         path = reports / name / "results.json"
@@ -94,7 +95,10 @@ def load_runs(reports: Path, names: list[str]) -> tuple[dict, dict[str, str]]:
             m = RUN_NAME.fullmatch(run_name)
             if m is None:
                 raise ConfigError(f"{path}: run {run_name!r} is not from a train.lr sweep (expected lr=X/V-seedS)")
-            runs[float(m["lr"]), m["variant"], int(m["seed"])] = run
+            key = float(m["lr"]), m["variant"], int(m["seed"])
+            if run.get("unfinished") and key in runs:  # a later sweep not yet there keeps what an earlier one has
+                continue
+            runs[key] = run
             source[run_name] = name
     return runs, source
 

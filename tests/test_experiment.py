@@ -350,6 +350,7 @@ def test_width_report_across_sweeps(tmp_path, capsys):
         (tmp_path / f"d{w}").mkdir()
         (tmp_path / f"d{w}" / "results.json").write_text(json.dumps(runs))
     later = {f"lr=0.002/none-seed{s}": fake_run(4.0, logits=(6.0, 2.0)) for s in (1, 2)}
+    later["lr=0.001/qk-seed2"] = {"evals": [], "unfinished": True}  # not yet retrained: d256's stays
     (tmp_path / "d256b").mkdir()
     (tmp_path / "d256b" / "results.json").write_text(json.dumps(later))
     argv = ["--config", str(ROOT / "configs/lr-sweep-cpu.yaml"), "--name", "w", "--reports", str(tmp_path)]
@@ -363,6 +364,7 @@ def test_width_report_across_sweeps(tmp_path, capsys):
     assert d256["none"]["sensitivity"] == pytest.approx((math.log(4096) + 4.0) / 2 - 4.0)  # lr 0.001 diverged
     assert d256["none"]["probe"]["logit_end"]["mean"] == 2.0 and d256["none"]["probe"]["logit_peak"]["mean"] == 6.0
     assert d256["qk"]["probe"]["logit_end"]["mean"] == 5.0 and d256["qk"]["probe"]["kappa_O_end"]["mean"] == 7.0
+    assert d256["qk"]["finals"]["lr=0.001"]["n"] == 2
     readme = (tmp_path / "out" / "w" / "README.md").read_text()
     assert "`none`: LR sensitivity d128 0.200, d256 2.159 nats: grows with width." in readme
     assert "`qk`: LR sensitivity d128 0.150, d256 0.050 nats: shrinks with width." in readme
