@@ -172,14 +172,31 @@ def check_resume(run: RunDir, zero_stage: int, precision_mode: str | None = None
             f"{run.checkpoint(tag)}: written under ZeRO stage {saved_stage}; "
             f"resume with deepspeed.zero_stage={saved_stage}"
         )
-    saved_mode = manifest.get("precision_mode", precision_mode)  # older manifests do not say
-    if precision_mode and saved_mode != precision_mode:
+    saved_mode = manifest.get("precision_mode") or weights_mode(run.checkpoint(tag))  # older manifests do not say
+    if precision_mode and saved_mode and saved_mode != precision_mode:
+        if saved_mode == "bf16 weights" and saved_stage == 0:  # an older version's bf16 at ZeRO-0
+            raise ConfigError(
+                f"{run.checkpoint(tag)}: written at ZeRO-0 in DeepSpeed's bf16 mode (bf16 weights and optimizer), "
+                "which this version replaced by autocast over fp32 weights; its optimizer state does not carry "
+                f"over: finish the run with the version that wrote it, or remove {latest} to start afresh"
+            )
         raise ConfigError(
             f"{run.checkpoint(tag)}: written in precision mode {saved_mode!r}, this run would train in "
             f"{precision_mode!r} (another CPU or GPU picks another train.precision=auto); resume with "
             f"train.precision={saved_mode.split()[0]}"
         )
     return tag
+
+
+def weights_mode(folder: Path) -> str | None:
+    """The precision mode of a checkpoint whose manifest does not record it (written before it
+    did, when bf16 meant bf16 weights at every ZeRO stage): from the dtype of its saved weights."""
+    path = folder / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        return None
+    module = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("module") or {}
+    dtype = next((t.dtype for t in module.values() if torch.is_tensor(t) and t.is_floating_point()), None)
+    return None if dtype is None else "bf16 weights" if dtype == torch.bfloat16 else "fp32"
 
 
 def ranks(n: int) -> str:

@@ -112,3 +112,32 @@ def test_launcher_train_refuses_before_touching_the_run(trained, tmp_path, damag
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
     assert expected in proc.stderr
     assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_a_checkpoint_from_before_manifests_named_the_precision_is_judged_by_its_weights(trained, tmp_path, weights):
+    """An older manifest has no precision_mode: the saved weights' dtype says it. bf16 weights at
+    ZeRO-0 (an older version's bf16 mode) cannot resume under autocast: one message says why."""
+    import json
+
+    import torch
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    folder = run_dir / "checkpoints" / "global_step8"
+    if weights == "bf16":
+        states = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=False)
+        states["module"] = {k: v.to(torch.bfloat16) for k, v in states["module"].items()}
+        torch.save(states, folder / MODEL_FILE)
+    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
+    del manifest["precision_mode"]
+    manifest["files"][MODEL_FILE] = (folder / MODEL_FILE).stat().st_size
+    (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    run = RunDir(run_dir)
+    if weights == "fp32":
+        assert checkpoint.check_resume(run, zero_stage=0, precision_mode="fp32") == "global_step8"
+        with pytest.raises(ConfigError, match="written in precision mode 'fp32'.*resume with train.precision=fp32"):
+            checkpoint.check_resume(run, zero_stage=0, precision_mode="bf16 autocast")
+    else:
+        with pytest.raises(ConfigError, match=r"ZeRO-0 in DeepSpeed's bf16 mode .* remove .*latest to start afresh"):
+            checkpoint.check_resume(run, zero_stage=0, precision_mode="bf16 autocast")
