@@ -29,6 +29,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -256,6 +257,9 @@ def train_one(args: argparse.Namespace, run: Run) -> float:
     start = time.perf_counter()
     with open(run.run_dir / "train.log", "a") as log:
         proc = subprocess.run(train_command(args, run), stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode == 2:  # refused in one line (a config, a checkpoint): no result, the sweep stops
+        tail = (run.run_dir / "train.log").read_text().strip().splitlines()[-1:]
+        raise ConfigError(f"{run.run_dir}: training refused to start: {' '.join(tail).removeprefix('error: ')}")
     if proc.returncode != 0:
         tail = (run.run_dir / "train.log").read_text().strip().splitlines()[-1:]
         why = f"training failed (exit {proc.returncode}): {' '.join(tail)}"
@@ -299,8 +303,19 @@ def run_all(args: argparse.Namespace, runs: list[Run]) -> None:
         for run in runs:
             run.failed = bool(run.reported.get("failed")) if run.reported else (run.run_dir / FAILED).is_file()
     else:
+        refused = threading.Event()
+
+        def one(run: Run) -> None:
+            if refused.is_set():  # a run was refused in one line: start no other
+                return
+            try:
+                run_one(args, run)
+            except ConfigError:
+                refused.set()
+                raise
+
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda run: run_one(args, run), runs))
+            list(pool.map(one, runs))
     failed = [r for r in runs if r.failed]
     if failed and not args.points:  # in a sweep a failed run (NaN loss) counts as diverged
         raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed, e.g. {failed[0].run_dir}: see its train.log")

@@ -288,6 +288,16 @@ def test_sweep_runs_and_reports(corpus, tmp_path, capsys, subtests):
         assert experiment.main([*argv, "--report-only"]) == 0
         results = json.loads((out / "results.json").read_text())
         assert results["lr=0.003/qkv-seed1"]["failed"] and not results["lr=0.001/qkv-seed1"]["failed"]
+    with subtests.test("a run refused in one line stops the sweep with its line and is no divergence"):
+        broken = tmp_path / "runs" / "sw" / "lr=0.001" / "none-seed1"
+        (broken / "checkpoints" / "latest").write_text("global_step99")
+        capsys.readouterr()
+        assert experiment.run_main(experiment.main, [*argv, "train.max_steps=3"]) == 2  # every run unfinished
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+        assert f"{broken}: training refused to start:" in err and "global_step99, which does not exist" in err
+        assert not (broken / experiment.FAILED).exists()
+        assert not (tmp_path / "runs" / "sw" / "lr=0.003" / "none-seed1" / "checkpoints" / "global_step3").exists()
 
 
 @pytest.mark.parametrize(
