@@ -33,11 +33,9 @@ import torch
 from core.errors import ConfigError
 from model import ModelConfig, Transformer, param_groups
 from run.pickles import check_folder
-from run.rundir import RunDir
+from run.rundir import MODEL_STATES, STAGE3_STATES, RunDir
 
 Tensor = torch.Tensor
-STAGE3_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
-MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 @dataclass

@@ -29,7 +29,7 @@ from core.files import write_atomic
 from launcher import distributed as dist
 from launcher import faults
 from run.pickles import check_folder
-from run.rundir import TAG_PATTERN, RunDir, tag_for
+from run.rundir import MODEL_STATES, STAGE3_STATES, TAG_PATTERN, RunDir, tag_for
 
 MANIFEST = "checkpoint.json"
 UNIVERSAL_SUFFIX = "_universal"
@@ -172,8 +172,8 @@ def check_resume(run: RunDir, zero_stage: int, precision_mode: str | None = None
             f"{run.checkpoint(tag)}: written under ZeRO stage {saved_stage}; "
             f"resume with deepspeed.zero_stage={saved_stage}"
         )
-    saved_mode = manifest.get("precision_mode") or weights_mode(run.checkpoint(tag))  # older manifests do not say
-    if precision_mode and saved_mode and saved_mode != precision_mode:
+    saved_mode = precision_mode and (manifest.get("precision_mode") or weights_mode(run.checkpoint(tag)))
+    if saved_mode and saved_mode != precision_mode:  # (older manifests do not record the mode)
         if saved_mode == "bf16 weights" and saved_stage == 0:  # an older version's bf16 at ZeRO-0
             raise ConfigError(
                 f"{run.checkpoint(tag)}: written at ZeRO-0 in DeepSpeed's bf16 mode (bf16 weights and optimizer), "
@@ -191,7 +191,7 @@ def check_resume(run: RunDir, zero_stage: int, precision_mode: str | None = None
 def weights_mode(folder: Path) -> str | None:
     """The precision mode of a checkpoint whose manifest does not record it (written before it
     did, when bf16 meant bf16 weights at every ZeRO stage): from the dtype of its saved weights."""
-    path = folder / "mp_rank_00_model_states.pt"
+    path = folder / (STAGE3_STATES if (folder / STAGE3_STATES).is_file() else MODEL_STATES)
     if not path.is_file():
         return None
     module = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("module") or {}

@@ -257,15 +257,14 @@ def train_one(args: argparse.Namespace, run: Run) -> float:
     start = time.perf_counter()
     with open(run.run_dir / "train.log", "a") as log:
         proc = subprocess.run(train_command(args, run), stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode == 0:
+        return time.perf_counter() - start
+    last = " ".join((run.run_dir / "train.log").read_text().strip().splitlines()[-1:])
     if proc.returncode == 2:  # refused in one line (a config, a checkpoint): no result, the sweep stops
-        tail = (run.run_dir / "train.log").read_text().strip().splitlines()[-1:]
-        raise ConfigError(f"{run.run_dir}: training refused to start: {' '.join(tail).removeprefix('error: ')}")
-    if proc.returncode != 0:
-        tail = (run.run_dir / "train.log").read_text().strip().splitlines()[-1:]
-        why = f"training failed (exit {proc.returncode}): {' '.join(tail)}"
-        (run.run_dir / FAILED).write_text(why + "\n")
-        raise RuntimeError(f"{run.run_dir}: {why}; see train.log")
-    return time.perf_counter() - start
+        raise ConfigError(f"{run.run_dir}: training refused to start: {last.removeprefix('error: ')}")
+    why = f"training failed (exit {proc.returncode}): {last}"
+    (run.run_dir / FAILED).write_text(why + "\n")
+    raise RuntimeError(f"{run.run_dir}: {why}; see train.log")
 
 
 def probe_run(run_dir: Path, batch: int) -> None:

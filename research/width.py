@@ -190,9 +190,8 @@ def partial_view(data: dict) -> None:
     """While runs are unfinished: the learning rates where every width and variant has a finished
     (or diverged) run, and each one's LR sensitivity over just those ("settled"), so that widths
     are compared on the same points. Empty when every point is settled or fewer than MIN_SETTLED are."""
-    cells = [(lr, s["finals"][f"lr={lr:g}"]) for d in data["widths"].values() for s in d["variants"].values()
-             for lr in data["grid"]]  # fmt: skip
-    settled = [lr for lr in data["grid"] if all(c["n"] or c["diverged"] for x, c in cells if x == lr)]
+    every = [s["finals"] for d in data["widths"].values() for s in d["variants"].values()]
+    settled = [lr for lr in data["grid"] if all(f[f"lr={lr:g}"]["n"] or f[f"lr={lr:g}"]["diverged"] for f in every)]
     data["settled"] = settled if MIN_SETTLED <= len(settled) < len(data["grid"]) else []
     for d in data["widths"].values():
         for s in d["variants"].values():

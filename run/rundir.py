@@ -30,6 +30,9 @@ from core.errors import ConfigError
 from core.files import staged_folder, write_atomic
 
 TAG_PATTERN = re.compile(r"global_step(\d+)")
+MODEL_STATES = "mp_rank_00_model_states.pt"
+"""DeepSpeed's model states in a checkpoint folder (ZeRO 0-2, with the client state); ZeRO-3's:"""
+STAGE3_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
 
 def tag_for(step: int) -> str:

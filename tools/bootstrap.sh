@@ -28,11 +28,11 @@ bootstrap_venv() {
       || { echo "[setup] error: pip install -r $req failed" >&2; return 1; }
     echo "$want" > "$stamp"
   fi
-  # DeepSpeed compiles a CPU op on first use (about a minute); a cache per environment keeps
-  # two checkouts from rebuilding it over each other.
+  # DeepSpeed's CPU communication op (about a minute to compile) is built here, once per
+  # environment (a cache each, so two checkouts do not rebuild it over each other), not on first
+  # use: no training run (nor a test with a time limit) pays for it, and none killed mid-build
+  # leaves torch's build lock for every later run to wait on. Skipped on a CUDA machine.
   export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$venv/torch_extensions}"
-  # Built here, once, on a CPU machine, so that no training run (nor a test with a time limit)
-  # pays for it, and none killed mid-build leaves torch's build lock for every later run to wait on.
   if [ ! -e "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/deepspeed_shm_comm.so" ] \
     && { [ "${DS_ACCELERATOR:-}" = cpu ] || ! command -v nvidia-smi >/dev/null 2>&1; }; then
     echo "[setup] building DeepSpeed's CPU communication op (first time: about a minute)"
