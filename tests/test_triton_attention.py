@@ -27,7 +27,7 @@ import triton.language as tl  # noqa: E402
 from kernels import PRECONDITIONERS, Preconditioner, attention, resolve_backend  # noqa: E402
 from kernels import backends as backends_mod  # noqa: E402
 from kernels.triton_tiles import program_block  # noqa: E402
-from tests.reference import attention_reference  # noqa: E402
+from tests.reference import attention_reference, attention_reference64, output_and_grads  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 RUNNABLE = triton_attention.INTERPRET or CUDA
@@ -43,31 +43,6 @@ def make_qkv(B, Hq, Hkv, T, D, dtype=torch.float32, device=DEVICE, scale=2.0, se
     return [(torch.randn(s, generator=g, dtype=torch.float64) * scale).to(device, dtype) for s in shapes]
 
 
-def reference64(q, k, v, precondition, causal=True, eps=EPS):
-    """Plain float64 torch formula (autograd gives the reference gradients); no project code."""
-    rms = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    if precondition in ("qk", "qkv"):
-        q, k = rms(q), rms(k)
-    if precondition == "qkv":
-        v = rms(v)
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if causal:
-        T = q.shape[2]
-        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    o = s.softmax(-1) @ v
-    return rms(o) if precondition == "row" else o
-
-
-def grads(fn, q, k, v, do):
-    """Output and (dq, dk, dv) of fn at (q, k, v) for the output gradient do."""
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    o = fn(q, k, v)
-    o.backward(do.to(o.dtype))
-    return o.detach(), q.grad, k.grad, v.grad
-
-
 def check_against_float64(shape, precondition, causal, dtype, rel_tol):
     B, Hq, Hkv, T, D = shape
     q, k, v = make_qkv(B, Hq, Hkv, T, D, dtype)
@@ -76,12 +51,12 @@ def check_against_float64(shape, precondition, causal, dtype, rel_tol):
 
 
 def check_inputs_against_float64(q, k, v, do, precondition, causal, rel_tol):
-    """Output and gradients of the kernel at (q, k, v, do) against reference64's, each within
+    """Output and gradients of the kernel at (q, k, v, do) against attention_reference64's, each within
     rel_tol of its largest entry."""
     fused = lambda q, k, v: attention(q, k, v, precondition=precondition, backend="triton", causal=causal, eps=EPS)
-    ref = lambda q, k, v: reference64(q, k, v, precondition, causal)
-    got = grads(fused, q, k, v, do)
-    want = grads(ref, *(t.double() for t in (q, k, v)), do)
+    ref = lambda q, k, v: attention_reference64(q, k, v, precondition, causal, EPS)
+    got = output_and_grads(fused, q, k, v, do)
+    want = output_and_grads(ref, *(t.double() for t in (q, k, v)), do)
     assert got[0].shape == q.shape and got[0].dtype == q.dtype
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         assert a.shape == b.shape, name
@@ -150,7 +125,7 @@ def test_strided_inputs_give_the_same_result():
     assert not as_btHd[0].is_contiguous()
     do = torch.randn_like(q)
     fn = lambda q, k, v: attention(q, k, v, precondition="qkv", backend="triton")
-    for a, b in zip(grads(fn, q, k, v, do), grads(fn, *as_btHd, do), strict=True):
+    for a, b in zip(output_and_grads(fn, q, k, v, do), output_and_grads(fn, *as_btHd, do), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -274,7 +249,7 @@ def test_torch_compile_keeps_the_kernel_in_one_graph():
     explained = torch._dynamo.explain(fn)(q, k, v)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    for a, b in zip(grads(fn, q, k, v, do), grads(compiled, q, k, v, do), strict=True):
+    for a, b in zip(output_and_grads(fn, q, k, v, do), output_and_grads(compiled, q, k, v, do), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -317,7 +292,7 @@ def test_cuda_inductor_compile_keeps_the_kernel():
     do = torch.randn_like(q)
     fn = lambda q, k, v: attention(q, k, v, precondition="qkv", backend="triton")
     compiled = torch.compile(fn, fullgraph=True)
-    for a, b in zip(grads(fn, q, k, v, do), grads(compiled, q, k, v, do), strict=True):
+    for a, b in zip(output_and_grads(fn, q, k, v, do), output_and_grads(compiled, q, k, v, do), strict=True):
         torch.testing.assert_close(a, b)
 
 
