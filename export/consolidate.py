@@ -33,7 +33,7 @@ import torch
 from core.errors import ConfigError
 from model import ModelConfig, Transformer, param_groups
 from run.pickles import check_folder
-from run.rundir import MODEL_STATES, STAGE3_STATES, RunDir
+from run.rundir import MODEL_STATES, STAGE3_STATES, RunDir, complete_tags, damage
 
 Tensor = torch.Tensor
 
@@ -62,6 +62,10 @@ def resolve_tag(run_dir: Path, tag: str | None) -> Path:
         raise ConfigError(f"--tag {tag}: no such checkpoint under {run.checkpoints}; available: {have}")
     if not (folder / MODEL_STATES).is_file() and not (folder / STAGE3_STATES).is_file():
         raise ConfigError(f"checkpoint {folder}: no {MODEL_STATES} or {STAGE3_STATES}; is it a DeepSpeed checkpoint?")
+    problem = damage(folder)
+    if problem:
+        whole = ", ".join(t for t in complete_tags(run) if t != folder.name) or "none"
+        raise ConfigError(f"checkpoint {folder.name} is not whole ({problem}); export a whole one with --tag: {whole}")
     return folder
 
 

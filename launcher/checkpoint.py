@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,9 +28,18 @@ from core.files import write_atomic
 from launcher import distributed as dist
 from launcher import faults
 from run.pickles import check_folder
-from run.rundir import MODEL_STATES, STAGE3_STATES, TAG_PATTERN, RunDir, tag_for
+from run.rundir import (
+    MANIFEST,
+    MODEL_STATES,
+    STAGE3_STATES,
+    TAG_PATTERN,
+    RunDir,
+    complete_tags,
+    damage,
+    read_manifest,
+    tag_for,
+)
 
-MANIFEST = "checkpoint.json"
 UNIVERSAL_SUFFIX = "_universal"
 
 
@@ -111,37 +119,6 @@ def write_manifest(
     record["precision_mode"] = precision_mode
     record["files"] = files
     write_atomic(folder / MANIFEST, json.dumps(record, indent=1) + "\n")
-
-
-def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def damage(folder: Path) -> str | None:
-    """What makes the checkpoint in `folder` unusable (a missing or truncated file), or None.
-    Without a manifest (a checkpoint of an older version), every .pt file must be a whole zip."""
-    record = read_manifest(folder)
-    if record is None:
-        pts = sorted(folder.glob("*.pt"))
-        if not pts:
-            return f"{folder}: holds no checkpoint files"
-        bad = next((p for p in pts if not zipfile.is_zipfile(p)), None)
-        return f"{bad}: truncated or not a torch checkpoint" if bad else None
-    for name, size in record["files"].items():
-        path = folder / name
-        if not path.is_file():
-            return f"{path}: missing"
-        if path.stat().st_size != size:
-            return f"{path}: truncated ({path.stat().st_size} of {size} bytes)"
-    return None
-
-
-def complete_tags(run: RunDir) -> list[str]:
-    """Tags of the checkpoints in `run.checkpoints` that are whole, oldest first."""
-    return [tag for tag in run.tags() if damage(run.checkpoint(tag)) is None]
 
 
 def check_resume(run: RunDir, zero_stage: int, precision_mode: str | None = None) -> str | None:

@@ -22,7 +22,7 @@ import torch
 from core.cli import run_main
 from core.errors import ConfigError
 from export import convert
-from export.consolidate import consolidate
+from export.consolidate import consolidate, resolve_tag
 from export.files import check_model_dir
 from model import ModelConfig, Transformer
 from model.probe import PROBED, probe
@@ -91,7 +91,7 @@ def _run_state_dict(run_dir: Path, cfg) -> dict[str, Tensor]:
         raise ConfigError(
             f"--model {run_dir}: no checkpoint ({run.latest_file} is missing); train first or pass --untrained"
         )
-    return consolidate(run.checkpoint(tag), cfg.model).state_dict
+    return consolidate(resolve_tag(run_dir, tag), cfg.model).state_dict
 
 
 def _load_native(model: Transformer, sd: dict[str, Tensor], where: Path) -> None:

@@ -23,6 +23,7 @@ import json
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 from core.cli import run_main
@@ -33,6 +34,9 @@ TAG_PATTERN = re.compile(r"global_step(\d+)")
 MODEL_STATES = "mp_rank_00_model_states.pt"
 """DeepSpeed's model states in a checkpoint folder (ZeRO 0-2, with the client state); ZeRO-3's:"""
 STAGE3_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+MANIFEST = "checkpoint.json"
+"""In each checkpoint folder, written by rank 0 once every rank has saved: its files and their
+sizes, and the world size, ZeRO stage, global batch and precision mode that wrote it."""
 
 
 def tag_for(step: int) -> str:
@@ -71,6 +75,37 @@ def steady(rows: list[dict], key: str = "tokens_per_sec") -> float | None:
         return None
     mid = len(values) // 2
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def damage(folder: Path) -> str | None:
+    """What makes the checkpoint in `folder` unusable (a missing or truncated file), or None.
+    Without a manifest (a checkpoint of an older version), every .pt file must be a whole zip."""
+    record = read_manifest(folder)
+    if record is None:
+        pts = sorted(folder.glob("*.pt"))
+        if not pts:
+            return f"{folder}: holds no checkpoint files"
+        bad = next((p for p in pts if not zipfile.is_zipfile(p)), None)
+        return f"{bad}: truncated or not a torch checkpoint" if bad else None
+    for name, size in record["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != size:
+            return f"{path}: truncated ({path.stat().st_size} of {size} bytes)"
+    return None
+
+
+def complete_tags(run: RunDir) -> list[str]:
+    """Tags of the checkpoints in `run.checkpoints` that are whole, oldest first."""
+    return [tag for tag in run.tags() if damage(run.checkpoint(tag)) is None]
 
 
 class RunDir:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -339,11 +340,23 @@ def test_cli_error_is_one_line_on_stderr(runs, tmp_path):
     assert proc.stderr.count("\n") == 1 and "global_step99" in proc.stderr and "global_step8" in proc.stderr
 
 
-def test_two_rank_runs_hold_one_partition_per_rank(runs):
-    """qkv (ZeRO-3) and row (ZeRO-2) were trained by 2 ranks: their exports, checked above,
-    merged 2 partitions of every parameter."""
-    for name in ("qkv", "row"):
-        assert len(list((runs[name] / "checkpoints" / "global_step8").glob("*_optim_states.pt"))) == 2, name
+@pytest.mark.parametrize("name", ["qkv", "row"])
+def test_an_export_needs_every_ranks_partition(name, runs, tmp_path, capsys):
+    """qkv (ZeRO-3) and row (ZeRO-2) were trained by 2 ranks, one partition of the weights each
+    (their exports, checked above, merged both): without rank 1's the export is refused in one
+    line that names the file, and writes nothing."""
+    run = tmp_path / name
+    shutil.copytree(runs[name], run, ignore=shutil.ignore_patterns("hf", "tensorboard"))
+    folder = run / "checkpoints" / "global_step8"
+    partitions = sorted(folder.glob("*_optim_states.pt"))
+    assert len(partitions) == 2, partitions
+    gone = next(p for p in partitions if "pp_rank_1_" in p.name)
+    gone.unlink()
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert run_main(export_hf.main, ["--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{gone}: missing" in err and "global_step8 is not whole" in err, err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
 def bf16_held_out_loss(run_dir: Path, weights: dict[str, torch.Tensor]) -> float:
