@@ -40,8 +40,11 @@ def test_globals_are_found_without_unpickling(tmp_path, protocol):
     assert not marker.exists()
 
 
-def test_python2_names_are_read_as_the_unpickler_maps_them():
+def test_python2_names_are_read_as_the_unpickler_maps_them(monkeypatch):
     assert allowed("collections", "OrderedDict") and not allowed("__builtin__", "eval")
+    # __builtin__.set is builtins.set to the unpickler: allowed exactly when builtins.set is
+    monkeypatch.setitem(ALLOWED, "builtins", {"set"})
+    assert allowed("__builtin__", "set") and not allowed("__builtin__", "eval")
     assert not allowed("os", "system") and not allowed("torch", "load")
     assert all(isinstance(names, set) and names for names in ALLOWED.values())
 

@@ -122,7 +122,7 @@ def test_epochs_repeat_every_document_in_a_new_order(text_corpus):
         ids = source.next_doc()
         epochs.setdefault(source.epoch, []).append(tuple(ids))
     assert set(epochs[0]) == set(epochs[1]) == set(epochs[2]) and len(epochs[0]) == len(set(epochs[0]))
-    assert epochs[0] != epochs[1] != epochs[2]  # the file order is reseeded per epoch
+    assert len({tuple(epochs[e]) for e in range(3)}) == 3  # the file order is reseeded per epoch
 
 
 def test_weighted_mixture_of_text_and_jsonl(tmp_path):
@@ -210,6 +210,7 @@ def test_default_corpus_holds_out_whole_plays(project_root):
 
     texts = fetch_default_corpus(Path(project_root) / ".cache")
     train, val = split_plays(texts, 0.05)
+    # the pinned archive: 42 plays, 35 of them also in a Folio edition (*_gut_f.txt)
     assert len(train) + len(val) == 77 and 0.05 <= len(val) / 77 < 0.15
     assert not {play_key(f) for f in train} & {play_key(f) for f in val}
     assert len({play_key(f) for f in train + val}) == 42  # each play once, editions unified

@@ -41,7 +41,7 @@ def rewind(src: Path, dst: Path, tag: str = "global_step4") -> Path:
 def assert_same_losses(a: dict, b: dict) -> None:
     assert list(b) == list(range(1, 9))
     for step in a:
-        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])  # summation order only (test_train)
 
 
 @pytest.fixture(scope="module")

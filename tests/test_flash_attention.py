@@ -16,9 +16,13 @@ from kernels import attention, resolve_backend
 from kernels import backends as backends_mod
 from tests.reference import attention_reference
 
+HANDED = []
+"""The (q, k, v) shapes each call of the stand-in was given."""
+
 
 def fake_flash_attn_func(q_BTHD, k_BTHD, v_BTHD, causal=False):
     """What flash_attn_func computes, written against its documented layout, in float64."""
+    HANDED.append((q_BTHD.shape, k_BTHD.shape, v_BTHD.shape))
     B, T, Hq, D = q_BTHD.shape
     assert k_BTHD.shape == v_BTHD.shape and k_BTHD.shape[:2] == (B, T) and Hq % k_BTHD.shape[2] == 0
     ref = attention_reference(q_BTHD.transpose(1, 2), k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2), "none", causal)
@@ -30,7 +34,10 @@ def test_flash_path_hands_the_package_btHd_with_native_gqa(monkeypatch, causal):
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fake_flash_attn_func))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 13, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    HANDED.clear()
     out = backends_mod.flash_attention(q, k, v, causal)
+    # one call, (B, T, H, D), the key/value heads not repeated up to the query heads
+    assert HANDED == [((2, 13, 4, 16), (2, 13, 2, 16), (2, 13, 2, 16))]
     assert out.shape == (2, 4, 13, 16)
     np.testing.assert_allclose(out.numpy(), attention_reference(q, k, v, "none", causal), rtol=1e-12, atol=1e-12)
 

@@ -198,7 +198,7 @@ def test_an_epoch_visits_every_window_once_in_a_new_order(shard_corpus):
     loader = ShardLoader(prepared, seed=5)
     epochs = [[tuple(w) for w in take(loader, len(windows), 1).tolist()] for _ in range(2)]
     assert Counter(epochs[0]) == Counter(epochs[1]) == Counter(windows)
-    assert epochs[0] != epochs[1] != windows
+    assert epochs[0] != windows and epochs[1] != windows and epochs[0] != epochs[1]
     assert loader.state_dict()["epoch"] == 2
 
 

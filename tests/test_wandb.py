@@ -14,8 +14,6 @@ import pytest
 
 from tests.train_helpers import check, metric_rows, run_single, tiny_overrides
 
-pytest.importorskip("wandb")
-
 BLOCK, HEADER = 32768, 7  # the LevelDB log format W&B writes: 32 KiB blocks, 7-byte record headers
 FULL, LAST = 1, 4
 
@@ -59,6 +57,7 @@ def history(run_dir: Path) -> tuple[dict[int, dict], set[str]]:
 
 @pytest.mark.slow
 def test_an_offline_wandb_run_holds_every_metrics_row_and_a_resume_continues_it(corpus, tmp_path):
+    pytest.importorskip("wandb")
     glob, cache = corpus
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(glob, cache, run_dir, **{"log.wandb": "true", "log.wandb_tags": "test,cpu"})
