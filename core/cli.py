@@ -27,6 +27,13 @@ def _usage_errors_in_one_line():
 PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+def at_least_one(text: str) -> int:
+    """argparse type of a count: a whole number, 1 or more."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
+
+
 class _DropOnBrokenPipe:
     """A text stream that goes quiet instead of raising once its reader has gone away."""
 

@@ -86,12 +86,21 @@ def load_yaml(path: str | Path | None, overrides: list[str] = (), name: str = "-
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:
         raise ConfigError(f"overrides {list(overrides)}: {str(e).splitlines()[0]}") from None
-    return OmegaConf.to_container(cfg, resolve=True) or {}
+    try:
+        return OmegaConf.to_container(cfg, resolve=True) or {}
+    except Exception as e:  # an interpolation ${...} that does not resolve
+        key = getattr(e, "full_key", None)
+        where = f"{key} in " if key else ""
+        where += f"{name} {path}" if path is not None else "the overrides"
+        where += " with its overrides" if path is not None and overrides else ""
+        raise ConfigError(f"{where}: {str(e).splitlines()[0]}; use a value or an existing ${{section.key}}") from None
 
 
 def check_output_path(name: str, path: str | Path, folder: bool = True) -> None:
     """An output `path` (a folder, or a file when folder=False) must be absent or of that kind,
     and the nearest existing folder on its way must be writable; checked before any work."""
+    if str(path) == "":
+        raise ConfigError(f"{name} is empty; give a path")
     path = Path(path)
     kind, other = ("folder", "file") if folder else ("file", "folder")
     if path.exists() and path.is_dir() != folder:

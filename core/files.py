@@ -18,8 +18,12 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Write `data` (bytes, or text as UTF-8) to `path` under a temporary name, then rename it."""
     path = Path(path)
     tmp = temporary_name(path)
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

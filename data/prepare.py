@@ -282,7 +282,10 @@ def validation_windows(prepared: PreparedData) -> torch.Tensor:
 
 
 def _model_limit(raw: dict, key: str) -> int | None:
-    value = (raw.get("model") or {}).get(key)
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: {model!r} is not a section; expected key: value lines under model:")
+    value = model.get(key)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
         raise ConfigError(f"model.{key}: {value!r} is not a valid int")
     return value

@@ -57,8 +57,23 @@ def _config_eos(folder: Path) -> str | None:
     cfg = folder / "tokenizer_config.json"
     if not cfg.is_file():
         return None
-    eos = json.loads(cfg.read_text()).get("eos_token")
+    try:
+        config = json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        raise ConfigError(f"data.tokenizer: {cfg} is not a JSON object; fix or remove it")
+    eos = config.get("eos_token")
     return eos.get("content") if isinstance(eos, dict) else eos
+
+
+def _read_tokenizer_json(file: Path, given: str) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        where = given if Path(given) == file else f"{given} (its {file.name})"
+        raise ConfigError(f"data.tokenizer: {where} is not a valid tokenizer.json ({msg})") from None
 
 
 def open_tokenizer(path: str | Path) -> Tokenizer:
@@ -74,7 +89,7 @@ def load_tokenizer(path: str) -> tuple[Tokenizer, str]:
     p = Path(path)
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
-            tok = Tokenizer.from_file(str(p / "tokenizer.json"))
+            tok = _read_tokenizer_json(p / "tokenizer.json", path)
         else:  # a folder with only slow-tokenizer files: let transformers convert it
             from transformers import AutoTokenizer
 
@@ -84,11 +99,7 @@ def load_tokenizer(path: str) -> tuple[Tokenizer, str]:
                 raise ConfigError(f"data.tokenizer: {path} is not a loadable tokenizer folder ({e})") from None
         return tok, find_eos(tok, _config_eos(p), path)
     if p.is_file():
-        try:
-            tok = Tokenizer.from_file(str(p))
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(f"data.tokenizer: {path} is not a valid tokenizer.json ({msg})") from None
+        tok = _read_tokenizer_json(p, path)
         return tok, find_eos(tok, _config_eos(p.parent), path)
     raise ConfigError(f"data.tokenizer: {path} does not exist; give a tokenizer.json or a tokenizer folder")
 

@@ -119,9 +119,11 @@ def check_model_dir(folder: Path, hint: str = "pass a folder written by python -
     if not (folder / "config.json").is_file():
         raise ConfigError(f"--model {folder}: no config.json; {hint}")
     try:
-        json.loads((folder / "config.json").read_text())
-    except ValueError as e:
+        config = json.loads((folder / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"--model {folder}: config.json is not valid JSON ({e}); {hint}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--model {folder}: config.json is not a JSON object; {hint}")
     if not any((folder / name).is_file() for name in WEIGHTS):
         raise ConfigError(f"--model {folder}: no model.safetensors (nor another weights file); {hint}")
 

@@ -74,7 +74,12 @@ def trusted(folder: Path) -> bool:
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trusted(folder))
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trusted(folder))
+    except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "pass a folder written by python -m launcher.export_hf"
+        raise ConfigError(f"--model {folder}: no loadable tokenizer ({msg}); {hint}") from None
 
 
 def load(folder: Path):

@@ -25,7 +25,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from core.cli import run_main
+from core.cli import at_least_one, run_main
+from core.config import check_output_path
 from core.errors import ConfigError
 from core.files import write_atomic
 
@@ -38,6 +39,8 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"HOSTFILE={path}: {e.strerror}; one 'hostname slots=N' line per node") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"HOSTFILE={path}: not UTF-8 text; one 'hostname slots=N' line per node") from None
     hosts = []
     for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -47,7 +50,7 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
         if len(fields) != 2 or not fields[1].startswith("slots="):
             raise ConfigError(f"HOSTFILE={path} line {n}: {raw.strip()!r} is not 'hostname slots=N'")
         slots = fields[1].removeprefix("slots=")
-        if not slots.isdigit() or int(slots) < 1:
+        if not (slots.isascii() and slots.isdigit()) or int(slots) < 1:
             raise ConfigError(f"HOSTFILE={path} line {n}: slots={slots} is not a whole number of processes (1 or more)")
         if any(h == fields[0] for h, _ in hosts):
             raise ConfigError(f"HOSTFILE={path} line {n}: host {fields[0]} is listed twice")
@@ -143,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=["check", "slurm"])
     p.add_argument("--hostfile", help="a DeepSpeed hostfile (check)")
     p.add_argument("--out", required=True, help="where to write the launch's hostfile")
-    p.add_argument("--num-nodes", type=int, default=None, help="use the first N nodes (default: all)")
-    p.add_argument("--slots", type=int, default=None, help="processes per node (default: the hostfile's)")
+    p.add_argument("--num-nodes", type=at_least_one, default=None, help="use the first N nodes (default: all)")
+    p.add_argument("--slots", type=at_least_one, default=None, help="processes per node (default: the hostfile's)")
     p.add_argument("--ssh", action="store_true", help="check passwordless ssh to every host")
     p.add_argument("--alive", action="store_true", help="leave out the hosts that do not answer")
-    p.add_argument("--min-nodes", type=int, default=1, help="with --alive: fail below this many hosts")
+    p.add_argument("--min-nodes", type=at_least_one, default=1, help="with --alive: fail below this many hosts")
     args = p.parse_args(argv)
+    check_output_path("--out", args.out, folder=False)
     if args.what == "check":
         if not args.hostfile:
             raise ConfigError("check needs --hostfile")

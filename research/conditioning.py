@@ -153,7 +153,11 @@ def _text_windows(path: Path, tokenizer_file: Path, seq_len: int) -> Tensor:
         raise ConfigError(
             f"--text {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); pass a plain text file"
         ) from None
-    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text).ids
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as e:
+        raise ConfigError(f"{tokenizer_file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+    ids = tokenizer.encode(text).ids
     n = len(ids) // (seq_len + 1)
     if n == 0:
         raise ConfigError(f"--text {path}: {len(ids)} tokens, fewer than one window of {seq_len + 1}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import re
 import shlex
@@ -39,6 +38,7 @@ from core.cli import run_main
 from core.config import check_output_path
 from core.errors import ConfigError
 from kernels import PRECONDITIONERS
+from research import report as rep
 from run.rundir import RunDir, steady, tag_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,8 +163,7 @@ def sweep_points(args: argparse.Namespace) -> list[dict]:
 
 def check_paths(args: argparse.Namespace) -> None:
     """The experiment's name and output folders, before anything is created."""
-    if args.name in (".", "..") or "/" in args.name or os.sep in args.name:
-        raise ConfigError(f"--name {args.name!r}: expected a plain folder name, e.g. {args.config.stem}")
+    rep.check_report_name(args.name, args.config.stem)
     check_output_path("--runs-dir", args.runs_dir)
     check_output_path("--out-dir", args.out_dir)
 
@@ -205,8 +204,7 @@ def reported_results(args: argparse.Namespace) -> dict[str, dict]:
     path = args.out_dir / args.name / "results.json"
     if not path.is_file():
         return {}
-    raw = json.loads(path.read_text())
-    return {name: r for name, r in raw.items() if not r.get("unfinished") and "settings" in r}
+    return {name: r for name, r in rep.read_results(path).items() if not r.get("unfinished") and "settings" in r}
 
 
 def plan(args: argparse.Namespace, cfg) -> list[Run]:
@@ -361,8 +359,6 @@ def collect_sweep(run: Run) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from research.report import write_report
-
     args = parse_args(argv)
     cfg = check_args(args)
     runs = plan(args, cfg)
@@ -383,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {run.key: run.reported or collect(run.run_dir) | {"settings": settings(args, run)} for run in done}
     given = [a for a in (argv or sys.argv[1:]) if a != "--report-only"]  # the command that trains them
     command = "python -m launcher.experiment " + " ".join(shlex.quote(a) for a in given)
-    out = write_report(args.out_dir / args.name, cfg, args, results, command, total=len(runs))
+    out = rep.write_report(args.out_dir / args.name, cfg, args, results, command, total=len(runs))
     print(f"report: {out / 'README.md'}")
     return 0
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
+from core.errors import ConfigError
+from core.files import write_atomic
 from model.config import ModelConfig
 from model.probe import PROBED
 from research.conditioning import jsonable, kappa_fmt
@@ -318,11 +321,28 @@ def lr_text(cfg, args) -> str:
     return f"{peak}, warmup {t.warmup_steps} steps, cosine to {t.min_lr:g}"
 
 
-def write_files(out: Path, lines: list[str], raw: dict) -> Path:
-    """README.md from the report's lines, results.json from the raw results by run name; returns out."""
-    (out / "README.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps(jsonable(raw), indent=1) + "\n")
+def write_files(out: Path, lines: list[str], raw: dict, results: str = "results.json") -> Path:
+    """README.md from the report's lines, `results` from the raw results by run name; returns out."""
+    write_atomic(out / "README.md", "\n".join(lines) + "\n")
+    write_atomic(out / results, json.dumps(jsonable(raw), indent=1) + "\n")
     return out
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """A report's results.json: run name -> its result; one that is not is a ConfigError naming it."""
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); restore it from git or remove it") from None
+    if not isinstance(raw, dict) or not all(isinstance(r, dict) for r in raw.values()):
+        raise ConfigError(f"{path}: expected an object of run name -> result; restore it from git or remove it")
+    return raw
+
+
+def check_report_name(name: str, example: str) -> None:
+    """A report's --name is one folder under --out-dir."""
+    if name in ("", ".", "..") or "/" in name or os.sep in name:
+        raise ConfigError(f"--name {name!r}: expected a plain folder name, e.g. {example}")
 
 
 def write_report(out: Path, cfg, args, results: dict, command: str, total: int | None = None) -> Path:

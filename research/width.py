@@ -17,7 +17,6 @@ summary.json and two plots. Reads only committed results, so it regenerates anyw
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import replace
@@ -25,10 +24,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from core.cli import run_main
+from core.config import check_output_path
 from core.errors import ConfigError
 from research import report as rep
 
-RUN_NAME = re.compile(r"lr=(?P<lr>[^/]+)/(?P<variant>[a-z]+)-seed(?P<seed>\d+)")
+RUN_NAME = re.compile(r"lr=(?P<lr>[0-9.eE+-]+)/(?P<variant>[a-z]+)-seed(?P<seed>\d+)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,7 +91,7 @@ def load_runs(reports: Path, names: list[str]) -> tuple[dict, dict[str, str]]:
         path = reports / name / "results.json"
         if not path.is_file():
             raise ConfigError(f"{path}: no such report; train the sweep {name!r} first (python -m launcher.experiment)")
-        for run_name, run in json.loads(path.read_text()).items():
+        for run_name, run in rep.read_results(path).items():
             m = RUN_NAME.fullmatch(run_name)
             if m is None:
                 raise ConfigError(f"{path}: run {run_name!r} is not from a train.lr sweep (expected lr=X/V-seedS)")
@@ -378,9 +378,7 @@ def write(out: Path, data: dict, command: str, cfg) -> Path:
     if unfinished:
         lines += ["## Unfinished", "", "Not yet trained to the end (the sweeps resume where they stopped): "]
         lines[-1] += "; ".join(unfinished) + "."
-    (out / "README.md").write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps(rep.jsonable(data), indent=1) + "\n")
-    return out
+    return rep.write_files(out, lines, data, results="summary.json")
 
 
 def cfg_name(command: str) -> str:
@@ -391,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     from run.config import load_run_config
 
     args = parse_args(argv)
+    rep.check_report_name(args.name, "lr-width-cpu")
+    check_output_path("--out-dir", args.out_dir / args.name)
     cfg = load_run_config(args.config, [])
     data = analyse(args, cfg)
     command = "python -m research.width " + " ".join(argv if argv is not None else sys.argv[1:])

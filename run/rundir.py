@@ -58,11 +58,14 @@ def read_metrics(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             if number == len(lines):
                 break  # torn by a crash mid-write
-            raise ConfigError(f"{path}:{number}: not a JSON row; remove the line or the file") from None
+            row = None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{number}: not a JSON row (an object); remove the line or the file")
+        rows.append(row)
     return rows
 
 
@@ -78,16 +81,20 @@ def steady(rows: list[dict], key: str = "tokens_per_sec") -> float | None:
 
 
 def read_manifest(folder: Path) -> dict | None:
+    """The folder's manifest; None without one, or for a file that is not one (damage says so)."""
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        record = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
 
 
 def damage(folder: Path) -> str | None:
     """What makes the checkpoint in `folder` unusable (a missing or truncated file), or None.
     Without a manifest (a checkpoint of an older version), every .pt file must be a whole zip."""
     record = read_manifest(folder)
+    if record is None and (folder / MANIFEST).exists():
+        return f"{folder / MANIFEST}: not a checkpoint manifest"
     if record is None:
         pts = sorted(folder.glob("*.pt"))
         if not pts:

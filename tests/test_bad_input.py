@@ -67,6 +67,32 @@ def run_of_another_model(case: Path, base: Path) -> None:
     config.write_text(config.read_text().replace("d_model: 32", "d_model: 64"))
 
 
+def model_list_yaml(case: Path, base: Path) -> None:
+    (case / "model-list.yaml").write_text("model: [1, 2]\ndata: {}\n")
+
+
+def garbage_tokenizer_folder(case: Path, base: Path) -> None:
+    (case / "tok").mkdir()
+    (case / "tok" / "tokenizer.json").write_text("{}")
+
+
+def model_folder(config: str):
+    """A folder with `config` as config.json, an empty weights file and no tokenizer."""
+
+    def setup(case: Path, base: Path) -> None:
+        (case / "m").mkdir()
+        (case / "m" / "config.json").write_text(config)
+        (case / "m" / "model.safetensors").write_bytes(b"")
+
+    return setup
+
+
+def garbage_results(case: Path, base: Path) -> None:
+    for report in ("rep/a", "out/x"):
+        (case / report).mkdir(parents=True)
+        (case / report / "results.json").write_text("{not json")
+
+
 # ---- the table: id, module, argv, setup, what the one line must contain ------------------------
 CASES = [
     ("config-is-a-folder", "run.config", ["--config", "{case}"], None, ["--config {case}", "is a folder"]),
@@ -74,6 +100,8 @@ CASES = [
      ["--config {case}/list.yaml", "mapping"]),
     ("config-empty-int-override", "run.config", ["train.max_steps="], None,
      ["train.max_steps", "empty value", "int"]),
+    ("config-unresolved-interpolation", "run.config", ["--config", TINY, "train.output_dir=${{nope}}"], None,
+     ["train.output_dir in --config", "'nope' not found"]),
     ("train-no-config-option", "launcher.train", [], None, ["--config", "required"]),
     ("train-missing-config", "launcher.train", ["--config", "{case}/nope.yaml"], None,
      ["--config {case}/nope.yaml", "no such file"]),
@@ -87,6 +115,10 @@ CASES = [
      ["--config {case}/bad.yaml", "not valid YAML"]),
     ("prepare-missing-config", "data.prepare", ["--config", "{case}/nope.yaml"], None,
      ["--config {case}/nope.yaml", "no such file"]),
+    ("prepare-model-section-a-list", "data.prepare", ["--config", "{case}/model-list.yaml"], model_list_yaml,
+     ["model: [1, 2]", "not a section"]),
+    ("prepare-garbage-tokenizer-folder", "data.prepare", ["--config", TINY, "data.tokenizer={case}/tok"],
+     garbage_tokenizer_folder, ["data.tokenizer: {case}/tok", "not a valid tokenizer.json"]),
     ("export-unknown-dtype", "launcher.export_hf", ["--run", "{run}", "--out", "{case}/hf", "--dtype", "fp16"], None,
      ["--dtype", "'fp16'", "'fp32', 'bf16'"]),
     ("export-out-below-a-file", "launcher.export_hf", ["--run", "{run}", "--out", "{case}/notes.txt/hf"], notes,
@@ -108,6 +140,10 @@ CASES = [
      ["--model {case}/nope", "no such folder"]),
     ("generate-run-dir-as-model", "launcher.generate", ["--model", "{run}", "--prompt", "hi"], None,
      ["--model {run}", "no config.json"]),
+    ("generate-no-tokenizer", "launcher.generate", ["--model", "{case}/m", "--prompt", "hi"], model_folder("{}"),
+     ["--model {case}/m", "no loadable tokenizer"]),
+    ("gguf-config-not-an-object", "launcher.gguf", ["--model", "{case}/m"], model_folder("[1]"),
+     ["--model {case}/m", "not a JSON object"]),
     ("conditioning-binary-text", "launcher.conditioning", ["--model", "{hf}", "--text", "{case}/text.gz"],
      gzipped_text, ["--text {case}/text.gz", "not UTF-8"]),
     ("conditioning-no-weights", "launcher.conditioning", ["--model", "{case}/hf"], export_without_weights,
@@ -125,6 +161,16 @@ CASES = [
     ("experiment-no-variants", "launcher.experiment",
      ["--config", TINY, "--variants", ",", "--runs-dir", "{case}/runs", "--out-dir", "{case}/report"], None,
      ["--variants", "empty"]),
+    ("experiment-garbage-results", "launcher.experiment",
+     ["--config", TINY, "--name", "x", "--runs-dir", "{case}/runs", "--out-dir", "{case}/out", "--report-only"],
+     garbage_results, ["{case}/out/x/results.json", "not valid JSON"]),
+    ("width-garbage-results", "research.width", ["--config", TINY, "--name", "w", "--width", "128=a",
+     "--width", "256=a", "--reports", "{case}/rep", "--out-dir", "{case}/out"], garbage_results,
+     ["{case}/rep/a/results.json", "not valid JSON"]),
+    ("width-empty-name", "research.width", ["--config", TINY, "--name", "", "--width", "128=a", "--width", "256=a",
+     "--out-dir", "{case}"], None, ["--name ''", "plain folder name"]),
+    ("width-report-is-a-file", "research.width", ["--config", TINY, "--name", "notes.txt", "--width", "128=a",
+     "--width", "256=a", "--out-dir", "{case}"], notes, ["{case}/notes.txt", "is a file"]),
 ]  # fmt: skip
 
 

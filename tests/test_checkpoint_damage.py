@@ -48,6 +48,10 @@ def _garbage(ckpts: Path) -> None:
     (ckpts / "latest").write_bytes(b"\x00\xff\x13garbage")
 
 
+def _garbage_manifest(ckpts: Path) -> None:
+    (ckpts / "global_step8" / checkpoint.MANIFEST).write_text("[]")
+
+
 def _truncated_without_manifest(ckpts: Path) -> None:
     (ckpts / "global_step8" / checkpoint.MANIFEST).unlink()
     truncate(ckpts / "global_step8" / MODEL_FILE)
@@ -58,6 +62,7 @@ CASES = [
     (_missing, f"global_step8/{MODEL_FILE}: missing", "global_step4"),
     (_names_a_missing_folder, "names global_step12, which does not exist", "global_step8"),
     (_garbage, "is not a checkpoint tag", "global_step8"),
+    (_garbage_manifest, "global_step8/checkpoint.json: not a checkpoint manifest", "global_step4"),
     (_truncated_without_manifest, f"global_step8/{MODEL_FILE}: truncated or not a torch checkpoint", "global_step4"),
 ]
 

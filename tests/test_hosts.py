@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from core.cli import run_main
 from core.errors import ConfigError
 from launcher.distributed import launcher_ranks, slurm_tasks_per_node
 from launcher.hosts import main as hosts_main
@@ -24,6 +25,7 @@ def test_hostfile_lines_comments_and_slots(tmp_path):
     "text,message",
     [
         ("node0 slots=1\nnode1 slots=x\n", "line 2: slots=x is not a whole number"),
+        ("node0 slots=\u00b2\n", "line 1: slots=\u00b2 is not a whole number"),
         ("node0 slots=0\n", "line 1: slots=0 is not a whole number"),
         ("node0\n", "line 1: 'node0' is not 'hostname slots=N'"),
         ("node0 slots=1\nnode0 slots=1\n", "line 2: host node0 is listed twice"),
@@ -35,6 +37,33 @@ def test_bad_hostfile_lines(tmp_path, text, message):
     f.write_text(text)
     with pytest.raises(ConfigError, match=message):
         read_hostfile(str(f))
+
+
+def test_a_binary_hostfile_is_named(tmp_path):
+    f = tmp_path / "hosts"
+    f.write_bytes(b"\x00\xff\xfe slots=1\n")
+    with pytest.raises(ConfigError, match=r"hosts: not UTF-8 text"):
+        read_hostfile(str(f))
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--num-nodes", "-1"], "argument --num-nodes: '-1' is not a whole number of 1 or more"),
+        (["--slots", "0"], "argument --slots: '0' is not a whole number of 1 or more"),
+        (["--min-nodes", "x"], "argument --min-nodes: 'x' is not a whole number of 1 or more"),
+        (["--out", "{tmp}"], "--out {tmp}: is a folder, expected a file"),
+        (["--out", ""], "--out is empty"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, capsys, extra, message):
+    f = tmp_path / "hosts"
+    f.write_text("localhost slots=1\n")
+    argv = ["check", "--hostfile", str(f), "--out", str(tmp_path / "o"), *(a.format(tmp=tmp_path) for a in extra)]
+    assert run_main(hosts_main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(tmp=tmp_path) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hosts"]
 
 
 def test_check_writes_the_launch_hostfile_and_prints_the_first_host(tmp_path, capsys):

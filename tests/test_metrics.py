@@ -25,6 +25,9 @@ def test_a_malformed_line_before_the_last_is_an_error_naming_the_line(tmp_path):
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ConfigError, match=r"metrics.jsonl:2: not a JSON row"):
         read_metrics(path)
+    path.write_text('{"step": 1}\n2\n{"step": 2}\n')  # JSON, but not a row
+    with pytest.raises(ConfigError, match=r"metrics.jsonl:2: not a JSON row"):
+        read_metrics(path)
 
 
 def test_resume_truncation_drops_the_torn_line_and_rows_after_the_checkpoint(tmp_path):
@@ -46,3 +49,14 @@ def test_steady_throughput_leaves_out_the_start_up_row():
     assert steady(rows) == 20.0
     assert steady(rows[:1]) == 1.0 and steady([]) is None
     assert steady(rows + [{"step": 5, "tokens_per_sec": 30.0}]) == 25.0
+
+
+def test_write_atomic_leaves_no_temporary_file_when_the_rename_fails(tmp_path):
+    from core.files import write_atomic
+
+    (tmp_path / "taken").mkdir()  # a folder where the file should go: the rename fails
+    with pytest.raises(IsADirectoryError):
+        write_atomic(tmp_path / "taken", "text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    write_atomic(tmp_path / "new", "text")
+    assert (tmp_path / "new").read_text() == "text" and sorted(p.name for p in tmp_path.iterdir()) == ["new", "taken"]
