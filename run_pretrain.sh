@@ -107,6 +107,7 @@ for var in MAX_RESTARTS MIN_NODES RESTART_WAIT; do
     fail "$var=$value: expected a whole number (e.g. $var=2)"
   fi
 done
+[ "${MIN_NODES:-1}" -ge 1 ] || fail "MIN_NODES=$MIN_NODES: expected 1 or more (the nodes a restart needs)"
 
 run_dir="$(python -m run.config --config "$config" "$@" --get train.output_dir)" || exit 2
 { read -r stop_file; read -r outcome_file; read -r lock_file; } < <(python -m run.rundir "$run_dir" --get stop outcome lock)

@@ -27,9 +27,14 @@ def _usage_errors_in_one_line():
 PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+def is_count(text: str) -> bool:
+    """A whole number of 1 or more, in ASCII digits (str.isdigit alone takes '²')."""
+    return text.isascii() and text.isdigit() and int(text) >= 1
+
+
 def at_least_one(text: str) -> int:
     """argparse type of a count: a whole number, 1 or more."""
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+    if not is_count(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
     return int(text)
 

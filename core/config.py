@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from core.errors import ConfigError
 
@@ -88,7 +88,7 @@ def load_yaml(path: str | Path | None, overrides: list[str] = (), name: str = "-
         raise ConfigError(f"overrides {list(overrides)}: {str(e).splitlines()[0]}") from None
     try:
         return OmegaConf.to_container(cfg, resolve=True) or {}
-    except Exception as e:  # an interpolation ${...} that does not resolve
+    except OmegaConfBaseException as e:  # an interpolation ${...} that does not resolve
         key = getattr(e, "full_key", None)
         where = f"{key} in " if key else ""
         where += f"{name} {path}" if path is not None else "the overrides"

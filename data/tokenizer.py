@@ -59,7 +59,7 @@ def _config_eos(folder: Path) -> str | None:
         return None
     try:
         config = json.loads(cfg.read_text())
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:  # UnicodeDecodeError too
         config = None
     if not isinstance(config, dict):
         raise ConfigError(f"data.tokenizer: {cfg} is not a JSON object; fix or remove it")
@@ -67,13 +67,15 @@ def _config_eos(folder: Path) -> str | None:
     return eos.get("content") if isinstance(eos, dict) else eos
 
 
-def _read_tokenizer_json(file: Path, given: str) -> Tokenizer:
+def read_tokenizer_json(file: Path, given: str | Path, option: str = "data.tokenizer") -> Tokenizer:
+    """tokenizer.json `file`, found through `given` (that file, or its folder) of `option`; one
+    that the tokenizers library cannot read is a ConfigError naming them."""
     try:
         return Tokenizer.from_file(str(file))
-    except Exception as e:
+    except Exception as e:  # the library raises a bare Exception
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         where = given if Path(given) == file else f"{given} (its {file.name})"
-        raise ConfigError(f"data.tokenizer: {where} is not a valid tokenizer.json ({msg})") from None
+        raise ConfigError(f"{option}: {where} is not a valid tokenizer.json ({msg})") from None
 
 
 def open_tokenizer(path: str | Path) -> Tokenizer:
@@ -89,7 +91,7 @@ def load_tokenizer(path: str) -> tuple[Tokenizer, str]:
     p = Path(path)
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
-            tok = _read_tokenizer_json(p / "tokenizer.json", path)
+            tok = read_tokenizer_json(p / "tokenizer.json", path)
         else:  # a folder with only slow-tokenizer files: let transformers convert it
             from transformers import AutoTokenizer
 
@@ -99,7 +101,7 @@ def load_tokenizer(path: str) -> tuple[Tokenizer, str]:
                 raise ConfigError(f"data.tokenizer: {path} is not a loadable tokenizer folder ({e})") from None
         return tok, find_eos(tok, _config_eos(p), path)
     if p.is_file():
-        tok = _read_tokenizer_json(p, path)
+        tok = read_tokenizer_json(p, path)
         return tok, find_eos(tok, _config_eos(p.parent), path)
     raise ConfigError(f"data.tokenizer: {path} does not exist; give a tokenizer.json or a tokenizer folder")
 

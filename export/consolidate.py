@@ -49,23 +49,27 @@ class Checkpoint:
     val_loss: float | None
 
 
-def resolve_tag(run_dir: Path, tag: str | None) -> Path:
-    """The checkpoint folder for `tag` (default: the one `checkpoints/latest` names)."""
+def resolve_tag(run_dir: Path, tag: str | None, option: str = "--tag") -> Path:
+    """The checkpoint folder for `tag` (default: the one `checkpoints/latest` names). `option` is
+    how the user picks another checkpoint (the export's --tag); None: by editing `latest`."""
     run = RunDir(run_dir)
+    named = tag is not None
     if tag is None:
         tag = run.latest_tag()
         if tag is None:
             raise ConfigError(f"--run {run_dir}: no checkpoint found ({run.latest_file} is missing); train first")
     folder = run.checkpoint(tag)
+    pick = f"pass one with {option}" if option else f"write one into {run.latest_file}"
     if not folder.is_dir():
+        where = f"{option} {tag}:" if named and option else f"{run.latest_file} names {tag}:"
         have = ", ".join(run.tags()) or "none"
-        raise ConfigError(f"--tag {tag}: no such checkpoint under {run.checkpoints}; available: {have}")
+        raise ConfigError(f"{where} no such checkpoint under {run.checkpoints}; available: {have}")
     if not (folder / MODEL_STATES).is_file() and not (folder / STAGE3_STATES).is_file():
         raise ConfigError(f"checkpoint {folder}: no {MODEL_STATES} or {STAGE3_STATES}; is it a DeepSpeed checkpoint?")
     problem = damage(folder)
     if problem:
-        whole = ", ".join(t for t in complete_tags(run) if t != folder.name) or "none"
-        raise ConfigError(f"checkpoint {folder.name} is not whole ({problem}); export a whole one with --tag: {whole}")
+        whole = ", ".join(complete_tags(run)) or "none"
+        raise ConfigError(f"checkpoint {folder.name} is not whole ({problem}); {pick}; whole ones: {whole}")
     return folder
 
 

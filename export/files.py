@@ -120,7 +120,7 @@ def check_model_dir(folder: Path, hint: str = "pass a folder written by python -
         raise ConfigError(f"--model {folder}: no config.json; {hint}")
     try:
         config = json.loads((folder / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:  # UnicodeDecodeError too
         raise ConfigError(f"--model {folder}: config.json is not valid JSON ({e}); {hint}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"--model {folder}: config.json is not a JSON object; {hint}")

@@ -137,7 +137,7 @@ def check_resume(run: RunDir, zero_stage: int, precision_mode: str | None = None
     else:
         problem = damage(run.checkpoint(tag))
     if problem:
-        whole = [t for t in complete_tags(run) if t != tag]
+        whole = complete_tags(run)
         newest = f"write {whole[-1]} (the newest complete checkpoint) into {latest}" if whole else None
         todo = newest or f"remove {latest} to start afresh"
         raise ConfigError(f"{problem}; {todo}")

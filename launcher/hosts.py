@@ -25,7 +25,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from core.cli import at_least_one, run_main
+from core.cli import at_least_one, is_count, run_main
 from core.config import check_output_path
 from core.errors import ConfigError
 from core.files import write_atomic
@@ -50,7 +50,7 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
         if len(fields) != 2 or not fields[1].startswith("slots="):
             raise ConfigError(f"HOSTFILE={path} line {n}: {raw.strip()!r} is not 'hostname slots=N'")
         slots = fields[1].removeprefix("slots=")
-        if not (slots.isascii() and slots.isdigit()) or int(slots) < 1:
+        if not is_count(slots):
             raise ConfigError(f"HOSTFILE={path} line {n}: slots={slots} is not a whole number of processes (1 or more)")
         if any(h == fields[0] for h, _ in hosts):
             raise ConfigError(f"HOSTFILE={path} line {n}: host {fields[0]} is listed twice")

@@ -91,7 +91,7 @@ def _run_state_dict(run_dir: Path, cfg) -> dict[str, Tensor]:
         raise ConfigError(
             f"--model {run_dir}: no checkpoint ({run.latest_file} is missing); train first or pass --untrained"
         )
-    return consolidate(resolve_tag(run_dir, tag), cfg.model).state_dict
+    return consolidate(resolve_tag(run_dir, tag, option=None), cfg.model).state_dict
 
 
 def _load_native(model: Transformer, sd: dict[str, Tensor], where: Path) -> None:
@@ -142,7 +142,7 @@ def load_model(path: Path, untrained: bool = False) -> tuple[Transformer, ModelC
 
 def _text_windows(path: Path, tokenizer_file: Path, seq_len: int) -> Tensor:
     """--text as windows (N, seq_len + 1); a file that is not UTF-8 text (say, gzip) is an error that names it."""
-    from tokenizers import Tokenizer
+    from data.tokenizer import read_tokenizer_json
 
     if not tokenizer_file.is_file():
         raise ConfigError(f"--text needs {tokenizer_file}; the model folder has no tokenizer")
@@ -153,11 +153,7 @@ def _text_windows(path: Path, tokenizer_file: Path, seq_len: int) -> Tensor:
         raise ConfigError(
             f"--text {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); pass a plain text file"
         ) from None
-    try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    except Exception as e:
-        raise ConfigError(f"{tokenizer_file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-    ids = tokenizer.encode(text).ids
+    ids = read_tokenizer_json(tokenizer_file, tokenizer_file.parent, option="--model").encode(text).ids
     n = len(ids) // (seq_len + 1)
     if n == 0:
         raise ConfigError(f"--text {path}: {len(ids)} tokens, fewer than one window of {seq_len + 1}")

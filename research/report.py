@@ -332,7 +332,7 @@ def read_results(path: Path) -> dict[str, dict]:
     """A report's results.json: run name -> its result; one that is not is a ConfigError naming it."""
     try:
         raw = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:  # UnicodeDecodeError too
         raise ConfigError(f"{path}: not valid JSON ({e}); restore it from git or remove it") from None
     if not isinstance(raw, dict) or not all(isinstance(r, dict) for r in raw.values()):
         raise ConfigError(f"{path}: expected an object of run name -> result; restore it from git or remove it")

@@ -390,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     rep.check_report_name(args.name, "lr-width-cpu")
-    check_output_path("--out-dir", args.out_dir / args.name)
+    check_output_path("--out-dir", args.out_dir)
+    if (args.out_dir / args.name).is_file():
+        raise ConfigError(f"--name {args.name}: {args.out_dir / args.name} is a file; choose another --name")
     cfg = load_run_config(args.config, [])
     data = analyse(args, cfg)
     command = "python -m research.width " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -73,7 +73,7 @@ class TrainConfig:
     """Seconds a collective may wait before the job fails (a dead rank must not hang the rest)."""
     compile: bool = False
     """torch.compile the model through DeepSpeed (inductor): about 1.4x faster steps after a
-    compile of about 30 s on CPU (the tiny model); pays off after a few hundred steps."""
+    compile of about 30 s on CPU (the tiny model); pays off after about 200 steps."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of keeping
     them (torch.utils.checkpoint, non-reentrant): less memory for about one more forward pass."""

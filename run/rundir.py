@@ -94,7 +94,7 @@ def damage(folder: Path) -> str | None:
     Without a manifest (a checkpoint of an older version), every .pt file must be a whole zip."""
     record = read_manifest(folder)
     if record is None and (folder / MANIFEST).exists():
-        return f"{folder / MANIFEST}: not a checkpoint manifest"
+        return f"{folder / MANIFEST}: not a checkpoint manifest (without one, each file is checked as a whole zip)"
     if record is None:
         pts = sorted(folder.glob("*.pt"))
         if not pts:

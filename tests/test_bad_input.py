@@ -67,6 +67,12 @@ def run_of_another_model(case: Path, base: Path) -> None:
     config.write_text(config.read_text().replace("d_model: 32", "d_model: 64"))
 
 
+def run_with_a_truncated_checkpoint(case: Path, base: Path) -> None:
+    shutil.copytree(base / "run", case / "run", ignore=shutil.ignore_patterns("hf"))
+    states = case / "run" / "checkpoints" / "global_step2" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:100])
+
+
 def model_list_yaml(case: Path, base: Path) -> None:
     (case / "model-list.yaml").write_text("model: [1, 2]\ndata: {}\n")
 
@@ -148,6 +154,9 @@ CASES = [
      gzipped_text, ["--text {case}/text.gz", "not UTF-8"]),
     ("conditioning-no-weights", "launcher.conditioning", ["--model", "{case}/hf"], export_without_weights,
      ["--model {case}/hf", "no model.safetensors"]),
+    ("conditioning-truncated-checkpoint", "launcher.conditioning", ["--model", "{case}/run"],
+     run_with_a_truncated_checkpoint,
+     ["global_step2 is not whole", "truncated", "write one into {case}/run/checkpoints/latest"]),
     ("conditioning-negative-seq-len", "launcher.conditioning",
      ["--model", "{hf}", "--text", "{case}/notes.txt", "--seq-len", "-1"], notes, ["--seq-len -1", "positive"]),
     ("conditioning-json-below-a-file", "launcher.conditioning",
@@ -200,6 +209,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(base, request, module, 
 SCRIPT_CASES = [
     ("num-gpus-not-a-number", {"NUM_GPUS": "two"}, [], "NUM_GPUS=two: expected a whole number"),
     ("num-nodes-zero", {"NUM_NODES": "0"}, [], "NUM_NODES=0: expected 1 or more"),
+    ("min-nodes-zero", {"MIN_NODES": "0"}, [], "MIN_NODES=0: expected 1 or more"),
     ("missing-config", {}, ["configs/nope.yaml"], "config configs/nope.yaml: no such file"),
     ("node-rank-without-hostfile", {"NODE_RANK": "1"}, [], "NODE_RANK=1 needs HOSTFILE and MASTER_ADDR"),
     ("missing-hostfile", {"HOSTFILE": "/nonexistent/hosts"}, [], "HOSTFILE=/nonexistent/hosts: no such file"),
