@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,10 +61,15 @@ class DataConfig:
     read whole, and its validation split is then exact."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.files, str):
+        if isinstance(self.files, str) or self.files is None:  # None: an empty override, data.files=
             self.files = [self.files] if self.files else []
-        self.files = [str(f) for f in (self.files or [])]
-        self.weights = [float(w) for w in (self.weights or [])]
+        if not isinstance(self.files, list) or not all(isinstance(f, str) for f in self.files):
+            raise ConfigError(f"data.files: {self.files!r} is not a glob or a list of globs, e.g. [data/*.txt]")
+        weights = self.weights or []
+        numbers = all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights)
+        if not isinstance(weights, list) or not numbers:
+            raise ConfigError(f"data.weights: {self.weights!r} is not a list of numbers, one per glob in data.files")
+        self.weights = [float(w) for w in weights]
         check_choice("data", "format", self.format, FORMATS)
         check_choice("data", "text_split", self.text_split, TEXT_SPLITS)
         check_range("data", "vocab_size", self.vocab_size, self.vocab_size >= 260, "an int >= 260")
@@ -76,7 +82,7 @@ class DataConfig:
         sample_ok = self.tokenizer_sample_bytes >= 1
         check_range("data", "tokenizer_sample_bytes", self.tokenizer_sample_bytes, sample_ok, "a positive int")
         for w in self.weights:
-            check_range("data", "weights", w, w > 0, "positive weights, one per glob in data.files")
+            check_range("data", "weights", w, 0 < w < math.inf, "positive weights, one per glob in data.files")
         if self.weights and len(self.weights) != len(self.files):
             raise ConfigError(
                 f"data.weights: {len(self.weights)} weights for {len(self.files)} globs in data.files; "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -39,12 +40,14 @@ class Sampling:
     def check(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens {self.max_new_tokens}: expected a positive int")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature {self.temperature}: expected >= 0 (0 = greedy)")
+        if not 0 <= self.temperature < math.inf:
+            raise ConfigError(f"--temperature {self.temperature}: expected a finite value >= 0 (0 = greedy)")
         if self.top_k < 0:
             raise ConfigError(f"--top-k {self.top_k}: expected >= 0 (0 = off)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p {self.top_p}: expected 0 < p <= 1")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed {self.seed}: expected 0 <= seed < 2^63")
 
     def generate_kwargs(self) -> dict:
         """transformers' generate() arguments: greedy at temperature 0, else sampling with the filters."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -25,8 +24,9 @@ import tempfile
 from pathlib import Path
 
 from core.cli import run_main
+from core.config import check_output_path
 from core.errors import ConfigError
-from core.files import staged_folder
+from core.files import staged_folder, temporary_name
 
 LLAMA_CPP_PYTHON = "0.3.36"
 SOURCE = f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
@@ -126,14 +126,18 @@ def convert(model: Path, out: Path, outtype: str, converter: Path) -> None:
     """Run the converter into a temporary name beside `out`, then rename it into place."""
     tokenizer = json.loads((model / "tokenizer.json").read_text())
     pre = "gpt-2" if gpt2_split(tokenizer) else "-"
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp = temporary_name(out)
     cmd = [sys.executable, "-c", DRIVER, str(converter), pre, str(model), "--outfile", str(tmp), "--outtype", outtype]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         tmp.unlink(missing_ok=True)
         last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         raise ConfigError(f"--model {model}: llama.cpp's converter failed ({last})")
-    tmp.replace(out)
+    try:
+        tmp.replace(out)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def logits_gap(model: Path, gguf: Path, text: str = CHECK_TEXT) -> tuple[float, int] | None:
@@ -161,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = check_convertible(args.model)
     out = args.out or args.model / f"model-{args.outtype}.gguf"
+    check_output_path("--out", out, folder=False)
     converter = fetch_converter(args.cache_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
     convert(args.model, out, args.outtype, converter)
     precondition = STOCK[config["architectures"][0]]
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.outtype}, precondition {precondition})")

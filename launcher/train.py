@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_run_config(args.config, args.overrides)  # validate before starting anything heavy
     check_run_dir(cfg)
+    cfg.deepspeed.check_files()
     if cfg.log.wandb:
         import importlib.util
 

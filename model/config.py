@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from core.config import check_choice, check_range
@@ -50,8 +51,10 @@ class ModelConfig:
             "model", "n_kv_heads", self.n_kv_heads, self.n_heads % self.n_kv_heads == 0, "a divisor of model.n_heads"
         )
         check_range("model", "head_dim", self.head_dim, self.head_dim % 2 == 0, "even (RoPE rotates pairs)")
-        check_range("model", "precondition_eps", self.precondition_eps, self.precondition_eps > 0, "a positive float")
-        check_range("model", "norm_eps", self.norm_eps, self.norm_eps > 0, "a positive float")
+        for key in ("precondition_eps", "norm_eps", "rope_theta"):
+            value = getattr(self, key)
+            check_range("model", key, value, 0 < value < math.inf, "a positive float")
+        check_range("model", "init_std", self.init_std, 0 <= self.init_std < math.inf, "a float >= 0")
 
     @property
     def head_dim(self) -> int:

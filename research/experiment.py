@@ -78,10 +78,13 @@ def check_args(args: argparse.Namespace):
     for v in args.variants:
         if v not in PRECONDITIONERS:
             raise ConfigError(f"--variants: {v!r} is unknown; choose from {', '.join(PRECONDITIONERS)}")
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [cfg.train.seed]
-    except ValueError:
-        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated ints, e.g. 1,2,3") from None
+    if len(set(args.variants)) != len(args.variants):
+        raise ConfigError(f"--variants {','.join(args.variants)}: a variant is named twice; name each once")
+    if args.seeds is not None:
+        seeds = [s.strip() for s in args.seeds.split(",")]
+        if not all(s.isascii() and s.isdigit() for s in seeds) or len(set(map(int, seeds))) != len(seeds):
+            raise ConfigError(f"--seeds {args.seeds!r}: expected different comma-separated ints >= 0, e.g. 1,2,3")
+    args.seeds = [int(s) for s in seeds] if args.seeds is not None else [cfg.train.seed]
     if args.conditioning_interval is None:
         args.conditioning_interval = cfg.log.conditioning_interval or cfg.train.eval_interval
     if args.conditioning_interval < 0 or args.probe_batch < 1:
@@ -111,8 +114,11 @@ def variant_sets(args: argparse.Namespace) -> dict[str, list[str]]:
             raise ConfigError(f"--variant-set {spec!r}: expected VARIANT:section.key=value, e.g. qk:train.lr=0.008")
         if variant not in args.variants:
             raise ConfigError(f"--variant-set {spec!r}: {variant!r} is not one of --variants {','.join(args.variants)}")
-        if over.split("=")[0].strip() in RUNNER_KEYS:
-            raise ConfigError(f"--variant-set {spec!r}: {over.split('=')[0]} is set by the experiment")
+        key = over.split("=")[0].strip()
+        if key in RUNNER_KEYS:
+            raise ConfigError(f"--variant-set {spec!r}: {key} is set by the experiment")
+        if key in {s.partition("=")[0].strip() for s in args.sweep}:
+            raise ConfigError(f"--variant-set {spec!r}: {key} is swept (--sweep); a variant may not fix it")
         sets.setdefault(variant, []).append(over.strip())
     for variant, over in sets.items():
         try:

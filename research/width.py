@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-from core.cli import run_main
+from core.cli import is_count, run_main
 from core.config import check_output_path
 from core.errors import ConfigError
 from research import report as rep
@@ -75,8 +75,10 @@ def parse_widths(args: argparse.Namespace) -> dict[int, list[str]]:
     widths: dict[int, list[str]] = {}
     for spec in args.width:
         w, eq, names = spec.partition("=")
-        if not eq or not w.strip().isdigit() or not names.strip():
-            raise ConfigError(f"--width {spec!r}: expected W=EXPERIMENT[,EXPERIMENT], e.g. 128=lr-width-d128")
+        if not eq or not is_count(w.strip()) or not names.strip():
+            raise ConfigError(f"--width {spec!r}: expected W=EXPERIMENT[,EXPERIMENT], W >= 1, e.g. 128=lr-width-d128")
+        if int(w) in widths:
+            raise ConfigError(f"--width {spec!r}: width {int(w)} is given twice; list its sweeps once, W=A,B")
         widths[int(w)] = [n.strip() for n in names.split(",") if n.strip()]
     if len(widths) < 2:
         raise ConfigError("--width: give two or more widths, e.g. --width 128=lr-width-d128 --width 256=lr-sweep-cpu")

@@ -8,6 +8,7 @@ ConfigErrors naming the key and what would be right).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,9 +92,15 @@ class TrainConfig:
         for key in ("save_interval", "eval_interval", "warmup_steps", "threads"):
             check_range("train", key, getattr(self, key), getattr(self, key) >= 0, "an int >= 0")
         check_range("train", "log_interval", self.log_interval, self.log_interval >= 1, "a positive int")
+        check_range("train", "seed", self.seed, self.seed >= 0, "an int >= 0")
         check_range("train", "data_seed", self.data_seed, self.data_seed >= -1, "an int >= 0, or -1 for train.seed")
-        check_range("train", "lr", self.lr, self.lr > 0, "a positive float")
+        check_range("train", "lr", self.lr, 0 < self.lr < math.inf, "a positive float")
         check_range("train", "min_lr", self.min_lr, 0 <= self.min_lr <= self.lr, "0 <= min_lr <= train.lr")
+        for key in ("beta1", "beta2"):
+            check_range("train", key, getattr(self, key), 0 <= getattr(self, key) < 1, "0 <= x < 1")
+        for key in ("weight_decay", "grad_clip", "peak_flops"):
+            value = getattr(self, key)
+            check_range("train", key, value, 0 <= value < math.inf, "a float >= 0")
 
     def global_batch(self, world_size: int) -> int:
         """Windows per optimizer step: micro_batch_size x grad_accum x ranks."""
@@ -109,6 +116,11 @@ class DeepSpeedConfig:
 
     def __post_init__(self) -> None:
         check_choice("deepspeed", "zero_stage", self.zero_stage, (0, 1, 2, 3))
+
+    def check_files(self) -> None:
+        """Before a run starts (not when a saved config is read back): the JSON must be there."""
+        if self.config and not Path(self.config).is_file():
+            raise ConfigError(f"deepspeed.config {self.config}: no such file; give a DeepSpeed JSON or leave it empty")
 
 
 @dataclass

@@ -217,16 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir(args.run_dir)
     paths = {"stop": run.stop_file, "export": run.export, "tensorboard": run.tensorboard, "lock": run.lock_file}
     paths["outcome"] = run.outcome
-    for what in args.get:
-        if what == "latest-step":
-            print(run.latest_step())
-        elif what == "latest":
-            tag = run.latest_tag()
-            if tag is None:
-                raise ConfigError(f"{run.root}: no checkpoint yet ({run.latest_file} is missing)")
-            print(run.checkpoint(tag))
-        else:
-            print(paths[what])
+    if "latest" in args.get:  # every answer is known before the first is printed
+        tag = run.latest_tag()
+        if tag is None:
+            raise ConfigError(f"{run.root}: no checkpoint yet ({run.latest_file} is missing)")
+        paths["latest"] = run.checkpoint(tag)
+    paths["latest-step"] = run.latest_step()
+    print("\n".join(str(paths[what]) for what in args.get))
     return 0
 
 

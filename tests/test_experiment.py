@@ -326,8 +326,24 @@ def test_bad_sweep_is_a_one_line_error(capsys, spec, words):
         (["--variant-set", "qk:train.seed=3"], "set by the experiment"),
         (["--variant-set", "qk:train.lr=-1"], "train.lr"),
         (["--jobs", "0"], "--jobs"),
+        (["--variant-set", "qk:train.lr=0.008", "--sweep", "train.lr=1e-3,3e-3"], "train.lr is swept"),
+        (["--seeds", "1,1"], "--seeds '1,1': expected different"),
+        (["--seeds", ""], "--seeds '': expected"),
+        (["--seeds", "-5"], "--seeds '-5': expected different comma-separated ints >= 0"),
+        (["--variants", "qk,qk"], "a variant is named twice"),
     ],
-    ids=["no-setting", "unknown-variant", "seed-is-the-experiments", "bad-value", "no-jobs"],
+    ids=[
+        "no-setting",
+        "unknown-variant",
+        "seed-is-the-experiments",
+        "bad-value",
+        "no-jobs",
+        "swept-key",
+        "seed-twice",
+        "no-seeds",
+        "negative-seed",
+        "variant-twice",
+    ],
 )
 def test_bad_variant_set_or_jobs_is_a_one_line_error(capsys, extra, words):
     argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--variants", "none,qk,qkv", *extra]

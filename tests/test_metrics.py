@@ -60,3 +60,14 @@ def test_write_atomic_leaves_no_temporary_file_when_the_rename_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     write_atomic(tmp_path / "new", "text")
     assert (tmp_path / "new").read_text() == "text" and sorted(p.name for p in tmp_path.iterdir()) == ["new", "taken"]
+
+
+def test_rundir_get_prints_nothing_when_one_answer_is_missing(tmp_path, capsys):
+    from core.cli import run_main
+    from run import rundir
+
+    assert run_main(rundir.main, [str(tmp_path / "run"), "--get", "export", "latest"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "no checkpoint yet" in err and err.count("\n") == 1
+    assert run_main(rundir.main, [str(tmp_path / "run"), "--get", "export", "latest-step", "stop"]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "run" / "hf"), "0", str(tmp_path / "run" / "stop")]
