@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import shutil
 import subprocess
 import sys
@@ -106,8 +107,6 @@ CASES = [
      ["--config {case}/list.yaml", "mapping"]),
     ("config-empty-int-override", "run.config", ["train.max_steps="], None,
      ["train.max_steps", "empty value", "int"]),
-    ("config-unresolved-interpolation", "run.config", ["--config", TINY, "train.output_dir=${{nope}}"], None,
-     ["train.output_dir in --config", "'nope' not found"]),
     ("train-no-config-option", "launcher.train", [], None, ["--config", "required"]),
     ("train-missing-config", "launcher.train", ["--config", "{case}/nope.yaml"], None,
      ["--config {case}/nope.yaml", "no such file"]),
@@ -121,10 +120,6 @@ CASES = [
      ["--config {case}/bad.yaml", "not valid YAML"]),
     ("prepare-missing-config", "data.prepare", ["--config", "{case}/nope.yaml"], None,
      ["--config {case}/nope.yaml", "no such file"]),
-    ("prepare-model-section-a-list", "data.prepare", ["--config", "{case}/model-list.yaml"], model_list_yaml,
-     ["model: [1, 2]", "not a section"]),
-    ("prepare-garbage-tokenizer-folder", "data.prepare", ["--config", TINY, "data.tokenizer={case}/tok"],
-     garbage_tokenizer_folder, ["data.tokenizer: {case}/tok", "not a valid tokenizer.json"]),
     ("export-unknown-dtype", "launcher.export_hf", ["--run", "{run}", "--out", "{case}/hf", "--dtype", "fp16"], None,
      ["--dtype", "'fp16'", "'fp32', 'bf16'"]),
     ("export-out-below-a-file", "launcher.export_hf", ["--run", "{run}", "--out", "{case}/notes.txt/hf"], notes,
@@ -138,14 +133,8 @@ CASES = [
     ("generate-no-weights", "launcher.generate", ["--model", "{case}/hf", "--prompt", "hi"], export_without_weights,
      ["--model {case}/hf", "no model.safetensors"]),
     ("generate-empty-prompt", "launcher.generate", ["--model", "{hf}", "--prompt", ""], None, ["--prompt", "empty"]),
-    ("generate-nan-temperature", "launcher.generate", ["--model", "{hf}", "--prompt", "hi", "--temperature", "nan"],
-     None, ["--temperature nan", "finite"]),
-    ("gguf-out-is-a-folder", "launcher.gguf", ["--model", "{hf}", "--out", "{case}"], None,
-     ["--out {case}: is a folder, expected a file"]),
     ("train-missing-deepspeed-json", "launcher.train", ["--config", TINY, "train.output_dir={case}/run",
      "deepspeed.config={case}/nope.json"], None, ["deepspeed.config {case}/nope.json: no such file"]),
-    ("width-unicode-digit", "research.width", ["--config", TINY, "--name", "w", "--width", "\u00b2=a", "--width",
-     "256=a"], None, ["--width '\u00b2=a'", "W >= 1"]),
     ("generate-negative-max-new-tokens", "launcher.generate",
      ["--model", "{hf}", "--prompt", "hi", "--max-new-tokens", "-5"], None, ["--max-new-tokens -5", "positive"]),
     ("generate-max-new-tokens-not-an-int", "launcher.generate",
@@ -154,17 +143,10 @@ CASES = [
      ["--model {case}/nope", "no such folder"]),
     ("generate-run-dir-as-model", "launcher.generate", ["--model", "{run}", "--prompt", "hi"], None,
      ["--model {run}", "no config.json"]),
-    ("generate-no-tokenizer", "launcher.generate", ["--model", "{case}/m", "--prompt", "hi"], model_folder("{}"),
-     ["--model {case}/m", "no loadable tokenizer"]),
-    ("gguf-config-not-an-object", "launcher.gguf", ["--model", "{case}/m"], model_folder("[1]"),
-     ["--model {case}/m", "not a JSON object"]),
     ("conditioning-binary-text", "launcher.conditioning", ["--model", "{hf}", "--text", "{case}/text.gz"],
      gzipped_text, ["--text {case}/text.gz", "not UTF-8"]),
     ("conditioning-no-weights", "launcher.conditioning", ["--model", "{case}/hf"], export_without_weights,
      ["--model {case}/hf", "no model.safetensors"]),
-    ("conditioning-truncated-checkpoint", "launcher.conditioning", ["--model", "{case}/run"],
-     run_with_a_truncated_checkpoint,
-     ["global_step2 is not whole", "truncated", "write one into {case}/run/checkpoints/latest"]),
     ("conditioning-negative-seq-len", "launcher.conditioning",
      ["--model", "{hf}", "--text", "{case}/notes.txt", "--seq-len", "-1"], notes, ["--seq-len -1", "positive"]),
     ("conditioning-json-below-a-file", "launcher.conditioning",
@@ -178,6 +160,28 @@ CASES = [
     ("experiment-no-variants", "launcher.experiment",
      ["--config", TINY, "--variants", ",", "--runs-dir", "{case}/runs", "--out-dir", "{case}/report"], None,
      ["--variants", "empty"]),
+]  # fmt: skip
+
+IN_PROCESS = [
+    ("config-unresolved-interpolation", "run.config", ["--config", TINY, "train.output_dir=${{nope}}"], None,
+     ["train.output_dir in --config", "'nope' not found"]),
+    ("prepare-model-section-a-list", "data.prepare", ["--config", "{case}/model-list.yaml"], model_list_yaml,
+     ["model: [1, 2]", "not a section"]),
+    ("prepare-garbage-tokenizer-folder", "data.prepare", ["--config", TINY, "data.tokenizer={case}/tok"],
+     garbage_tokenizer_folder, ["data.tokenizer: {case}/tok", "not a valid tokenizer.json"]),
+    ("generate-nan-temperature", "launcher.generate", ["--model", "{hf}", "--prompt", "hi", "--temperature", "nan"],
+     None, ["--temperature nan", "finite"]),
+    ("gguf-out-is-a-folder", "launcher.gguf", ["--model", "{hf}", "--out", "{case}"], None,
+     ["--out {case}: is a folder, expected a file"]),
+    ("width-unicode-digit", "research.width", ["--config", TINY, "--name", "w", "--width", "\u00b2=a", "--width",
+     "256=a"], None, ["--width '\u00b2=a'", "W >= 1"]),
+    ("generate-no-tokenizer", "launcher.generate", ["--model", "{case}/m", "--prompt", "hi"], model_folder("{}"),
+     ["--model {case}/m", "no loadable tokenizer"]),
+    ("gguf-config-not-an-object", "launcher.gguf", ["--model", "{case}/m"], model_folder("[1]"),
+     ["--model {case}/m", "not a JSON object"]),
+    ("conditioning-truncated-checkpoint", "launcher.conditioning", ["--model", "{case}/run"],
+     run_with_a_truncated_checkpoint,
+     ["global_step2 is not whole", "truncated", "write one into {case}/run/checkpoints/latest"]),
     ("experiment-garbage-results", "launcher.experiment",
      ["--config", TINY, "--name", "x", "--runs-dir", "{case}/runs", "--out-dir", "{case}/out", "--report-only"],
      garbage_results, ["{case}/out/x/results.json", "not valid JSON"]),
@@ -198,12 +202,7 @@ def run_case(module: str, argv: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("module, argv, setup, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(base, request, module, argv, setup, expected):
-    case = base / "cases" / request.node.callspec.id
-    case.mkdir(parents=True)
-    if setup is not None:
-        setup(case, base)
-    paths = dict(case=case, run=base / "run", hf=base / "run" / "hf")
-    before = snapshot(base)
+    paths, before = prepared_case(base, request, setup)
     proc = run_case(module, [a.format(**paths) for a in argv])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -211,6 +210,33 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(base, request, module, 
     assert len(lines) == 1 and lines[0].startswith("error: ") and proc.stderr.endswith("\n"), proc.stderr
     for part in expected:
         assert part.format(**paths) in lines[0]
+    assert snapshot(base) == before
+
+
+def prepared_case(base: Path, request, setup) -> tuple[dict, list]:
+    """The case's folder set up, its path names, and a snapshot of everything under base."""
+    case = base / "cases" / request.node.callspec.id
+    case.mkdir(parents=True)
+    if setup is not None:
+        setup(case, base)
+    return dict(case=case, run=base / "run", hf=base / "run" / "hf"), snapshot(base)
+
+
+@pytest.mark.parametrize("module, argv, setup, expected", [c[1:] for c in IN_PROCESS], ids=[c[0] for c in IN_PROCESS])
+def test_bad_input_in_process_is_one_line_exit_2_and_writes_nothing(
+    base, request, capsys, monkeypatch, module, argv, setup, expected
+):
+    """The same checks through each command's main() and run_main in this process: the mistakes
+    that need no fresh interpreter to show (a start-up crash would; those are in CASES)."""
+    paths, before = prepared_case(base, request, setup)
+    monkeypatch.chdir(ROOT)
+    main = importlib.import_module(module).main
+    assert run_main(main, [a.format(**paths) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and err.endswith("\n"), err
+    for part in expected:
+        assert part.format(**paths) in lines[0], lines[0]
     assert snapshot(base) == before
 
 
