@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from core.errors import ConfigError
+from core.errors import ConfigError, first_line
 
 
 def check_choice(section: str, key: str, value: Any, choices: tuple) -> None:
@@ -69,7 +69,7 @@ def read_yaml(path: Path, name: str = "--config") -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError, UnicodeDecodeError and friends: report in one line
-        raise ConfigError(f"{name} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{name} {path}: not valid YAML ({first_line(e)})") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{name} {path}: holds a list; expected a mapping of sections (model:, data:, train:, ...)")
     return cfg
@@ -85,7 +85,7 @@ def load_yaml(path: str | Path | None, overrides: list[str] = (), name: str = "-
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:
-        raise ConfigError(f"overrides {list(overrides)}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"overrides {list(overrides)}: {first_line(e)}") from None
     try:
         return OmegaConf.to_container(cfg, resolve=True) or {}
     except OmegaConfBaseException as e:  # an interpolation ${...} that does not resolve
@@ -93,7 +93,7 @@ def load_yaml(path: str | Path | None, overrides: list[str] = (), name: str = "-
         where = f"{key} in " if key else ""
         where += f"{name} {path}" if path is not None else "the overrides"
         where += " with its overrides" if path is not None and overrides else ""
-        raise ConfigError(f"{where}: {str(e).splitlines()[0]}; use a value or an existing ${{section.key}}") from None
+        raise ConfigError(f"{where}: {first_line(e)}; use a value or an existing ${{section.key}}") from None
 
 
 def check_output_path(name: str, path: str | Path, folder: bool = True) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import ConfigError
+from core.errors import ConfigError, first_line
 from data.config import DataConfig
 
 EXTENSIONS = {
@@ -144,7 +144,7 @@ def _check_parquet(path: str, text_field: str) -> bool:
     try:
         meta = pq.ParquetFile(path)
     except Exception as e:
-        raise ConfigError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     schema = meta.schema_arrow
     if text_field not in schema.names:
         raise ConfigError(
@@ -216,8 +216,8 @@ def _open_hub(spec: SourceSpec):
     try:
         return load_dataset(spec.name, spec.hf_subset or None, split=spec.hf_split, streaming=True)
     except Exception as e:  # no network, unknown name, bad subset or split: one line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"data.hf_dataset: cannot stream {spec.name!r} (split {spec.hf_split!r}): {msg}") from None
+        where = f"data.hf_dataset: cannot stream {spec.name!r} (split {spec.hf_split!r})"
+        raise ConfigError(f"{where}: {first_line(e)}") from None
 
 
 def iter_checked_texts(spec: SourceSpec) -> Iterator[str]:

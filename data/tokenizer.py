@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from core.errors import ConfigError
+from core.errors import ConfigError, first_line
 from core.files import staged_folder
 
 EOS_TOKEN = "<|endoftext|>"
@@ -73,9 +73,8 @@ def read_tokenizer_json(file: Path, given: str | Path, option: str = "data.token
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # the library raises a bare Exception
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         where = given if Path(given) == file else f"{given} (its {file.name})"
-        raise ConfigError(f"{option}: {where} is not a valid tokenizer.json ({msg})") from None
+        raise ConfigError(f"{option}: {where} is not a valid tokenizer.json ({first_line(e)})") from None
 
 
 def open_tokenizer(path: str | Path) -> Tokenizer:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import ConfigError
-from data.tokenizer import PAD_TOKEN, find_eos
+from data.tokenizer import PAD_TOKEN, find_eos, read_tokenizer_json
 from export.consolidate import Checkpoint
 from export.convert import architecture, needs_remote_code, qk_scale
 from run.config import RunConfig
@@ -30,15 +30,6 @@ class RunTokenizer:
     """{"eos_token_id": ..., "bos_token_id": ..., "pad_token_id": ...}"""
 
 
-def _load(tokenizer_file: Path):
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(tokenizer_file))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise ConfigError(f"{tokenizer_file}: not a tokenizers file ({str(e).splitlines()[0]})") from None
-
-
 def _configured(folder: Path) -> dict[str, str]:
     """The special tokens a tokenizer_config.json in `folder` names, by role (none if it has none)."""
     path = folder / "tokenizer_config.json"
@@ -57,7 +48,7 @@ def run_tokenizer(run_dir: Path) -> RunTokenizer:
     run = RunDir(run_dir)
     kept = run.tokenizer_dir / "tokenizer.json"
     file = kept if kept.is_file() else run.tokenizer_file
-    tok, configured = _load(file), _configured(file.parent)
+    tok, configured = read_tokenizer_json(file, file, option="--run"), _configured(file.parent)
     vocab = tok.get_vocab(with_added_tokens=True)
     eos = find_eos(tok, configured.get("eos_token"), str(file))
     tokens = {"eos_token": eos, "bos_token": eos, "pad_token": PAD_TOKEN if PAD_TOKEN in vocab else eos}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from core.cli import run_main
 from core.config import field_docs
-from core.errors import ConfigError
+from core.errors import ConfigError, first_line
 
 
 @dataclasses.dataclass
@@ -80,9 +80,8 @@ def load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trusted(folder))
     except (OSError, ValueError) as e:  # no tokenizer files, or ones transformers cannot read
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "pass a folder written by python -m launcher.export_hf"
-        raise ConfigError(f"--model {folder}: no loadable tokenizer ({msg}); {hint}") from None
+        raise ConfigError(f"--model {folder}: no loadable tokenizer ({first_line(e)}); {hint}") from None
 
 
 def load(folder: Path):

@@ -80,11 +80,13 @@ def check_args(args: argparse.Namespace):
             raise ConfigError(f"--variants: {v!r} is unknown; choose from {', '.join(PRECONDITIONERS)}")
     if len(set(args.variants)) != len(args.variants):
         raise ConfigError(f"--variants {','.join(args.variants)}: a variant is named twice; name each once")
-    if args.seeds is not None:
+    if args.seeds is None:
+        args.seeds = [cfg.train.seed]
+    else:
         seeds = [s.strip() for s in args.seeds.split(",")]
         if not all(s.isascii() and s.isdigit() for s in seeds) or len(set(map(int, seeds))) != len(seeds):
             raise ConfigError(f"--seeds {args.seeds!r}: expected different comma-separated ints >= 0, e.g. 1,2,3")
-    args.seeds = [int(s) for s in seeds] if args.seeds is not None else [cfg.train.seed]
+        args.seeds = [int(s) for s in seeds]
     if args.conditioning_interval is None:
         args.conditioning_interval = cfg.log.conditioning_interval or cfg.train.eval_interval
     if args.conditioning_interval < 0 or args.probe_batch < 1:
@@ -169,9 +171,8 @@ def sweep_points(args: argparse.Namespace) -> list[dict]:
 
 def check_paths(args: argparse.Namespace) -> None:
     """The experiment's name and output folders, before anything is created."""
-    rep.check_report_name(args.name, args.config.stem)
+    rep.check_report_dir(args.out_dir, args.name, args.config.stem)
     check_output_path("--runs-dir", args.runs_dir)
-    check_output_path("--out-dir", args.out_dir)
 
 
 # ---- training ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import statistics
 from pathlib import Path
 
+from core.config import check_output_path
 from core.errors import ConfigError
 from core.files import write_atomic
 from model.config import ModelConfig
@@ -339,10 +340,13 @@ def read_results(path: Path) -> dict[str, dict]:
     return raw
 
 
-def check_report_name(name: str, example: str) -> None:
-    """A report's --name is one folder under --out-dir."""
+def check_report_dir(out_dir: Path, name: str, example: str) -> None:
+    """A report's --name is one folder under --out-dir, which can be written; checked before any work."""
     if name in ("", ".", "..") or "/" in name or os.sep in name:
         raise ConfigError(f"--name {name!r}: expected a plain folder name, e.g. {example}")
+    check_output_path("--out-dir", out_dir)
+    if (out_dir / name).is_file():
+        raise ConfigError(f"--name {name}: {out_dir / name} is a file; choose another --name")
 
 
 def write_report(out: Path, cfg, args, results: dict, command: str, total: int | None = None) -> Path:

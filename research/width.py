@@ -24,7 +24,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from core.cli import is_count, run_main
-from core.config import check_output_path
 from core.errors import ConfigError
 from research import report as rep
 
@@ -391,10 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     from run.config import load_run_config
 
     args = parse_args(argv)
-    rep.check_report_name(args.name, "lr-width-cpu")
-    check_output_path("--out-dir", args.out_dir)
-    if (args.out_dir / args.name).is_file():
-        raise ConfigError(f"--name {args.name}: {args.out_dir / args.name} is a file; choose another --name")
+    rep.check_report_dir(args.out_dir, args.name, "lr-width-cpu")
     cfg = load_run_config(args.config, [])
     data = analyse(args, cfg)
     command = "python -m research.width " + " ".join(argv if argv is not None else sys.argv[1:])
